@@ -1,0 +1,259 @@
+"""The one typed configuration of a dist-decode run.
+
+Every stage reads its own section of :class:`RunConfig`; the whole object is written as
+``config.json`` next to every run's outputs, and the DeepSpeed JSON is derived from it
+(:func:`dist_decode.train.deepspeed_config`). Sections are plain dataclasses so a config
+round-trips through JSON exactly (``RunConfig.from_json(cfg.to_json()) == cfg``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dist_decode.fsutil import atomic_write_text
+
+
+@dataclass
+class DataConfig:
+    """How fold data are drawn from a packed store.
+
+    Parameters
+    ----------
+    val_fraction : float
+        Share of the training sites' subjects held out for validation, stratified by site and diagnosis.
+    num_workers : int
+        DataLoader worker processes per rank (each opens the HDF5 shards lazily).
+    grid : tuple of int or None
+        Resample volumes to this grid before the model (``None`` keeps the store's grid). The 2022 anchor
+        model needs ``(64, 64, 64)``.
+    """
+
+    val_fraction: float = 0.15
+    num_workers: int = 0
+    grid: tuple[int, int, int] | None = None
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the DECODE-SZ contrastive VAE (or the 2022 anchor).
+
+    Parameters
+    ----------
+    name : {"decode_sz", "anchor2022"}
+        Which model to build.
+    latent_common, latent_specific : int
+        Dimensions of the common (C) and specific (S) latent spaces.
+    channels : tuple of int
+        Encoder feature widths, one stride-2 stage each; the decoder mirrors them.
+    hidden : int
+        Width of the dense layer between the pooled features and the posterior heads.
+    """
+
+    name: str = "decode_sz"
+    latent_common: int = 16
+    latent_specific: int = 16
+    channels: tuple[int, ...] = (16, 32, 64, 96, 128)
+    hidden: int = 256
+
+
+@dataclass
+class LossConfig:
+    """Weights of the contrastive-VAE loss terms.
+
+    Parameters
+    ----------
+    beta : float
+        Weight of the KL terms of the three posteriors (patient c, patient s, control c).
+    gamma_tc : float
+        Weight of the total-correlation (independence of c and s) penalty.
+    control_s_weight : float
+        Weight of the term that pulls the controls' specific posterior to zero (0 disables it).
+    """
+
+    beta: float = 1.0
+    gamma_tc: float = 10.0
+    control_s_weight: float = 1.0
+    disc_lr: float = 1e-4
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, distribution and fault-tolerance of one fold.
+
+    Parameters
+    ----------
+    steps : int
+        Optimiser steps per fold.
+    batch_size : int
+        Subjects per rank and step (half patients, half controls).
+    precision : {"auto", "fp32", "bf16"}
+        ``auto`` is bf16 on GPU and fp32 on CPU.
+    zero_stage : int
+        DeepSpeed ZeRO stage (0, 1 or 2).
+    checkpoint_every : int
+        Steps between checkpoints (a checkpoint is also written at the end and on SIGTERM/SIGUSR1).
+    feature_samples : int
+        Posterior samples per subject written to ``features.h5``.
+    """
+
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    precision: str = "auto"
+    zero_stage: int = 1
+    gradient_clipping: float = 1.0
+    checkpoint_every: int = 200
+    log_every: int = 20
+    feature_samples: int = 10
+
+
+@dataclass
+class RSAConfig:
+    """Representational similarity analysis and its permutation test.
+
+    Parameters
+    ----------
+    variables : tuple of str
+        ``column:kind`` pairs, kind ``continuous`` or ``categorical``.
+    distance : {"euclidean", "correlation"}
+        Feature RDM distance.
+    permutations : int
+        Number of subject-label permutations B.
+    block_size : int
+        Permutations per seeded block (the unit of work of one MPI rank).
+    fwe : {"maxT", "minP"}
+        Family-wise correction across models x feature spaces.
+    alternative : {"two-sided", "greater", "less"}
+    within_site : bool
+        Permute only within site in pooled multi-site analyses.
+    use_samples : bool
+        Average the feature RDM over posterior samples instead of using posterior means.
+    """
+
+    variables: tuple[str, ...] = (
+        "panss_total:continuous",
+        "age:continuous",
+        "sex:categorical",
+        "education_years:continuous",
+    )
+    distance: str = "euclidean"
+    permutations: int = 10000
+    block_size: int = 500
+    fwe: str = "maxT"
+    alternative: str = "two-sided"
+    within_site: bool = True
+    use_samples: bool = False
+
+
+@dataclass
+class MapsConfig:
+    """Healthy-twin Jacobian maps and their group thresholds.
+
+    Parameters
+    ----------
+    use_samples : bool
+        Decode posterior samples instead of posterior means.
+    fdr_q : float
+        False-discovery rate of the voxelwise one-sample test of log J per held-out site.
+    workers : int
+        Processes for the per-subject registrations (0 = one per core).
+    """
+
+    use_samples: bool = False
+    fdr_q: float = 0.05
+    workers: int = 0
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; written to ``RUN/config.json``."""
+
+    seed: int = 20260101
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rsa: RSAConfig = field(default_factory=RSAConfig)
+    maps: MapsConfig = field(default_factory=MapsConfig)
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            atomic_write_text(Path(path), text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        return _from_dict(cls, data, "config")
+
+    @classmethod
+    def from_json(cls, path_or_text: str | os.PathLike) -> "RunConfig":
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            text = Path(path_or_text).read_text()
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **sections: Any) -> "RunConfig":
+        """Return a copy with whole sections or top-level fields replaced."""
+        return dataclasses.replace(self, **sections)
+
+
+def override(cfg: RunConfig, assignments: list[str]) -> RunConfig:
+    """Apply ``section.field=value`` overrides (values parsed as JSON, else kept as strings).
+
+    Raises
+    ------
+    ValueError
+        Naming the assignment when the section or field does not exist.
+    """
+    data = cfg.to_dict()
+    for item in assignments:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected section.field=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        parts = key.split(".")
+        node = data
+        for p in parts[:-1]:
+            if not isinstance(node, dict) or p not in node:
+                raise ValueError(f"override {item!r}: unknown config section {p!r}")
+            node = node[p]
+        if not isinstance(node, dict) or parts[-1] not in node:
+            raise ValueError(f"override {item!r}: unknown config field {key!r}")
+        node[parts[-1]] = value
+    return RunConfig.from_dict(data)
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            value = _from_dict(hint, value, f"{where}.{f.name}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
