@@ -17,9 +17,17 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python"
 fi
 echo "bootstrap: installing into $venv (torch: $torch_spec)" >&2
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-"$venv/bin/pip" install -q --upgrade pip setuptools wheel >&2
+log="$venv/bootstrap.log"
+pip_quiet() {  # keep the terminal readable; show the log when pip fails
+    if ! "$venv/bin/pip" install -q "$@" >>"$log" 2>&1; then
+        grep -v "is ignored: it is neither a file nor a directory" "$log" | tail -n 40 >&2
+        echo "bootstrap: pip install $* failed (full log: $log)" >&2
+        exit 1
+    fi
+}
+pip_quiet --upgrade pip setuptools wheel
 # torch first and pinned: deepspeed's loose 'torch' requirement must not pull a multi-GB CUDA build.
-"$venv/bin/pip" install -q "$torch_spec" >&2
-"$venv/bin/pip" install -q "$torch_spec" -e "$root[test]" >&2
+pip_quiet "$torch_spec"
+pip_quiet "$torch_spec" -e "$root[test]"
 echo "$want" > "$stamp"
 echo "bootstrap: ready" >&2

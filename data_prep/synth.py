@@ -1,0 +1,630 @@
+"""Synthesize a multi-site CAT12 cohort with planted, known effects: ``python -m data_prep.synth``.
+
+The output looks exactly like a CAT12 12.8+ run, so the packer can be pointed at real data unchanged::
+
+    OUT/participants.tsv, OUT/participants.json
+    OUT/<participant_id>/mri/mwp1<participant_id>.nii.gz      modulated normalised GM, float32
+    OUT/<participant_id>/mri/wj_<participant_id>.nii.gz       Jacobian determinant (optional)
+    OUT/<participant_id>/report/cat_<participant_id>.xml      vol_TIV, IQR, ...
+    OUT/ground_truth/                                         planted effects (never inside a subject folder)
+
+Each subject is the real MNI152 GM map (nilearn) pulled back through a smooth, subject-specific
+deformation and modulated by its Jacobian determinant (as CAT12 modulation does), then given its
+site's scanner effects. The deformation sums common effects present in everybody (age, several
+random shape factors; head size enters as a global TIV scaling) and, in patients only, the
+schizophrenia-specific atrophy of fixed regions times a per-patient severity that correlates with
+PANSS total. See ``docs/data.md`` and ``OUT/ground_truth/README.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import multiprocessing as mp
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_prep import anatomy
+from dist_decode.fsutil import atomic_path, atomic_write_json, atomic_write_text
+
+log = logging.getLogger("data_prep.synth")
+
+GROUND_TRUTH = "ground_truth"
+PATIENT, CONTROL = "SZ", "HC"
+
+
+@dataclass
+class Preset:
+    """Size and effect strengths of a synthetic cohort.
+
+    Parameters
+    ----------
+    site_sizes : list of int
+        Subjects per site.
+    site_patients : list of int
+        Patients (SZ) per site; the rest are controls (HC).
+    voxel_mm : float
+        Isotropic voxel size of the CAT12 grid (bounding box 12).
+    site_names : list of str or None
+        Site labels (default ``siteA``, ``siteB``, ...).
+    n_common : int
+        Number of random smooth common shape factors.
+    common_blobs : int
+        Gaussian potentials per common factor.
+    common_log_j : float
+        Peak |log J| of one common blob at unit score.
+    specific_log_j : float
+        log J at the centre of each schizophrenia region at unit severity (negative = atrophy).
+    age_log_j : float
+        log J per decade of age at the centre of each ageing region.
+    severity_sd : float
+        Standard deviation of patient severity (gamma distributed, mean 1).
+    panss_severity_r : float
+        Correlation of PANSS total with severity.
+    poor_quality_fraction : float
+        Share of subjects scanned with poor quality (low CAT12 IQR rating, extra noise and blur).
+    missing_fraction : float
+        Share of ``n/a`` in education_years and (patients') panss_total.
+    jacobian : bool
+        Also write ``mri/wj_<id>.nii.gz``.
+    """
+
+    site_sizes: list[int]
+    site_patients: list[int]
+    voxel_mm: float
+    site_names: list[str] | None = None
+    n_common: int = 4
+    common_blobs: int = 6
+    common_log_j: float = 0.08
+    specific_log_j: float = -0.15
+    age_log_j: float = -0.03
+    severity_sd: float = 0.35
+    panss_severity_r: float = 0.7
+    poor_quality_fraction: float = 0.05
+    missing_fraction: float = 0.03
+    jacobian: bool = True
+
+    def names(self) -> list[str]:
+        """Return the site labels."""
+        if self.site_names is not None:
+            return list(self.site_names)
+        return [f"site{chr(ord('A') + k)}" if k < 26 else f"site{k:02d}" for k in range(len(self.site_sizes))]
+
+
+PRESETS: dict[str, Preset] = {
+    # 4 sites x 10 (5 SZ / 5 HC), 6 mm (29x35x29): synthesize + pack in seconds.
+    "tiny": Preset([10, 10, 10, 10], [5, 5, 5, 5], 6.0, n_common=3, common_blobs=4),
+    # 8 sites, 20-30 subjects each, 3 mm (57x69x57): the whole pipeline on a 2-core CPU in minutes.
+    "demo": Preset([30, 28, 27, 25, 24, 22, 21, 20], [15, 14, 14, 12, 12, 11, 11, 10], 3.0),
+    # The seed cohort: 8 unequal sites, 1,250 subjects (641 SZ / 609 HC), CAT12's 1.5 mm grid.
+    "paper": Preset(
+        [236, 198, 182, 165, 149, 128, 104, 88], [124, 98, 96, 82, 79, 63, 55, 44], 1.5, jacobian=False
+    ),
+}
+
+
+def resolve_preset(preset: str, voxel_mm: float | None = None, **overrides: Any) -> Preset:
+    """Return the named preset with overrides applied.
+
+    Parameters
+    ----------
+    preset : {"tiny", "demo", "paper"}
+    voxel_mm : float or None
+        Overrides the preset's grid.
+    **overrides
+        Any :class:`Preset` field, plus the shortcuts ``sites`` (number of sites, or a list of
+        names), ``subjects_per_site`` (int or list) and ``patients_per_site`` (int or list; default
+        half of each site, rounded down).
+
+    Raises
+    ------
+    ValueError
+        On an unknown preset or override, or inconsistent site sizes.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    p = dataclasses.replace(PRESETS[preset])
+    known = {f.name for f in dataclasses.fields(Preset)}
+    sites = overrides.pop("sites", None)
+    per_site = overrides.pop("subjects_per_site", None)
+    patients = overrides.pop("patients_per_site", None)
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown synth option(s) {sorted(unknown)}; known: {sorted(known | {'sites', 'subjects_per_site', 'patients_per_site'})}")
+    p = dataclasses.replace(p, **overrides)
+    if voxel_mm is not None:
+        p.voxel_mm = float(voxel_mm)
+    n_sites = len(p.site_sizes)
+    if sites is not None:
+        if isinstance(sites, int):
+            n_sites = sites
+            p.site_names = None
+        else:
+            p.site_names = [str(s) for s in sites]
+            n_sites = len(p.site_names)
+    if sites is not None or per_site is not None:
+        if per_site is None:
+            per_site = int(round(np.mean(p.site_sizes)))
+        p.site_sizes = [int(per_site)] * n_sites if np.isscalar(per_site) else [int(v) for v in per_site]
+        if patients is None:
+            p.site_patients = [n // 2 for n in p.site_sizes]
+    if patients is not None:
+        n = len(p.site_sizes)
+        p.site_patients = [int(patients)] * n if np.isscalar(patients) else [int(v) for v in patients]
+    if len(p.site_sizes) != len(p.site_patients) or len(p.names()) != len(p.site_sizes):
+        raise ValueError(
+            f"site lists disagree: {len(p.site_sizes)} sizes, {len(p.site_patients)} patient counts, "
+            f"{len(p.names())} names"
+        )
+    for name, n, k in zip(p.names(), p.site_sizes, p.site_patients):
+        if not 0 <= k <= n or n < 1:
+            raise ValueError(f"site {name}: {k} patients among {n} subjects is impossible")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# The cohort table: who is who (cheap; drawn in the parent process)
+# ---------------------------------------------------------------------------------------------
+
+
+def _sites_table(p: Preset, rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Draw each site's scanner effects and population."""
+    rows = []
+    for name in p.names():
+        rows.append(
+            {
+                "site": name,
+                "intensity_scale": float(np.clip(rng.normal(1.0, 0.06), 0.8, 1.2)),
+                "smooth_fwhm_mm": float(rng.uniform(0.0, 6.0)),
+                "noise_sd": float(rng.uniform(0.005, 0.03)),
+                "bias_amplitude": float(rng.uniform(0.02, 0.06)),
+                "age_mean": float(rng.uniform(28.0, 42.0)),
+            }
+        )
+    return rows
+
+
+def _subjects_table(p: Preset, sites: list[dict[str, Any]], rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Draw demographics, clinical scores, latent effect scores and quality of every subject."""
+    subjects = []
+    shape_k = 1.0 / p.severity_sd**2  # gamma with mean 1 and sd severity_sd
+    for s, n, n_pat in zip(sites, p.site_sizes, p.site_patients):
+        dx = np.array([PATIENT] * n_pat + [CONTROL] * (n - n_pat))
+        rng.shuffle(dx)
+        for i, d in enumerate(dx):
+            patient = d == PATIENT
+            male = rng.random() < (0.65 if patient else 0.5)
+            age = float(np.clip(rng.normal(s["age_mean"] + (1.0 if patient else 0.0), 9.0), 18.0, 65.0))
+            tiv = float(np.clip(rng.normal(1550.0 if male else 1400.0, 110.0), 1100.0, 1950.0))
+            edu = float(np.clip(rng.normal(12.5 if patient else 14.0, 2.5), 6.0, 22.0))
+            sev = float(rng.gamma(shape_k, 1.0 / shape_k)) if patient else 0.0
+            z = (sev - 1.0) / p.severity_sd
+            eps = rng.normal()
+            r = p.panss_severity_r
+            panss = float(np.clip(np.round(75.0 + 18.0 * (r * z + np.sqrt(1 - r * r) * eps)), 30, 210))
+            poor = bool(rng.random() < p.poor_quality_fraction)
+            iqr = float(rng.uniform(4.6, 6.0) if poor else np.clip(rng.normal(2.0, 0.35), 1.0, 3.4))
+            common = rng.normal(size=p.n_common).tolist()
+            edu_missing = rng.random() < p.missing_fraction
+            panss_missing = rng.random() < p.missing_fraction
+            subjects.append(
+                {
+                    "participant_id": f"sub-{s['site'].removeprefix('site')}{i + 1:04d}",
+                    "site": s["site"],
+                    "diagnosis": str(d),
+                    "age": round(age, 1),
+                    "sex": "M" if male else "F",
+                    "education_years": None if edu_missing else round(edu),
+                    "panss_total": int(panss) if patient and not panss_missing else None,
+                    "specific_severity": round(sev, 5),
+                    "common": [round(c, 5) for c in common],
+                    "tiv_ml": round(tiv, 2),
+                    "iqr": round(iqr, 4),
+                    "poor_quality": poor,
+                }
+            )
+    ids = [s["participant_id"] for s in subjects]
+    if len(set(ids)) != len(ids):
+        raise ValueError("site labels produce clashing participant ids; give sites distinct names")
+    return subjects
+
+
+# ---------------------------------------------------------------------------------------------
+# Effect fields (shared by every subject; built once, inherited by forked workers)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fields:
+    """Everything a worker needs to render subjects: grid, base anatomy and unit effect bases."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    voxel_mm: float
+    base: np.ndarray
+    xyz: np.ndarray
+    specific: anatomy.DeformationBasis
+    age: anatomy.DeformationBasis
+    common: list[anatomy.DeformationBasis]
+    bias: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def build_fields(p: Preset, sites: list[dict[str, Any]], seed: int) -> Fields:
+    """Build the grid, base anatomy, the planted effect bases and each site's bias field."""
+    shape, affine = anatomy.cat12_grid(p.voxel_mm)
+    base = anatomy.base_gm(p.voxel_mm)
+    xyz = anatomy.world_coords(shape, affine)
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2,)))
+    brain = xyz[:, base > 0.2]
+    common = [
+        anatomy.blob_basis(anatomy.random_blobs(rng, p.common_blobs, brain), xyz, p.common_log_j)
+        for _ in range(p.n_common)
+    ]
+    bias = {}
+    for s in sites:
+        blobs = anatomy.random_blobs(rng, 4, brain, sigma_range=(40.0, 70.0))
+        field_ = np.zeros(shape, np.float32)
+        for b in blobs:
+            d = xyz - np.asarray(b.center, np.float32)[:, None, None, None]
+            field_ += b.amplitude * np.exp(-(d**2).sum(0) / (2 * b.sigma**2))
+        field_ /= max(float(np.abs(field_).max()), 1e-6)
+        bias[s["site"]] = np.exp(s["bias_amplitude"] * field_).astype(np.float32)
+    return Fields(
+        shape=shape,
+        affine=affine,
+        voxel_mm=p.voxel_mm,
+        base=base,
+        xyz=xyz,
+        specific=anatomy.blob_basis(anatomy.SZ_REGIONS, xyz, p.specific_log_j),
+        age=anatomy.blob_basis(anatomy.AGE_REGIONS, xyz, p.age_log_j),
+        common=common,
+        bias=bias,
+    )
+
+
+def age_score(age: float) -> float:
+    """Return the age effect's score: decades from 40 years."""
+    return (age - 40.0) / 10.0
+
+
+def render_subject(f: Fields, subj: dict[str, Any], site: dict[str, Any], seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Render one subject's mwp1 and Jacobian determinant.
+
+    The subject's deformation ``x -> x + u(x)`` sums the unit bases times the subject's scores;
+    ``mwp1(x) = GM(x + u(x)) * det(I + grad u) * TIV / 1500`` (mass-preserving pull-back, i.e.
+    CAT12-style modulation), then the site's intensity scale, bias field, smoothing and noise.
+
+    Returns
+    -------
+    mwp1, jacobian : ndarray float32
+        ``jacobian`` includes the global TIV scaling, so ``mwp1 = warped GM x jacobian`` before
+        the scanner effects.
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(3, index)))
+    scores = [(f.age, age_score(subj["age"]))]
+    scores += list(zip(f.common, subj["common"]))
+    if subj["specific_severity"] > 0:
+        scores.append((f.specific, subj["specific_severity"]))
+    disp = np.zeros_like(f.xyz)
+    hess = np.zeros((6, *f.shape), np.float32)
+    for basis, z in scores:
+        disp += np.float32(z) * basis.disp
+        hess += np.float32(z) * basis.hess
+    jac = np.clip(anatomy.jacobian_det(hess), 0.05, None) * np.float32(subj["tiv_ml"] / anatomy.REFERENCE_TIV_ML)
+    # World -> voxel coordinates of the displaced points (the affine is diagonal).
+    scale = np.diag(f.affine)[:3].astype(np.float32)[:, None, None, None]
+    ijk = (f.xyz + disp - f.affine[:3, 3].astype(np.float32)[:, None, None, None]) / scale
+    warped = ndimage.map_coordinates(f.base, ijk, order=1, mode="constant", cval=0.0)
+    vol = warped * jac * np.float32(site["intensity_scale"]) * f.bias[site["site"]]
+    fwhm = site["smooth_fwhm_mm"] + (4.0 if subj["poor_quality"] else 0.0)
+    if fwhm > 0:
+        vol = ndimage.gaussian_filter(vol, fwhm / 2.3548 / f.voxel_mm, mode="constant")
+    support = ndimage.gaussian_filter(warped, 0.5) > 1e-3
+    noise = site["noise_sd"] + (0.04 if subj["poor_quality"] else 0.0)
+    vol = vol + rng.normal(0.0, noise, f.shape).astype(np.float32)
+    vol = np.where(support, np.clip(vol, 0.0, None), 0.0).astype(np.float32)
+    return vol, jac.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers
+# ---------------------------------------------------------------------------------------------
+
+
+def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    """Write a float32 NIfTI atomically with an MNI sform/qform, as CAT12 does."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.asarray(data), affine)
+    img.header.set_xyzt_units("mm")
+    img.set_sform(affine, code=4)
+    img.set_qform(affine, code=4)
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+
+
+def cat_xml(subj: dict[str, Any], gm_ml: float) -> str:
+    """Return a ``report/cat_<id>.xml`` with the fields CAT12 12.8+ writes that matter here."""
+    tiv = subj["tiv_ml"]
+    csf = 0.22 * tiv
+    wm = max(tiv - gm_ml - csf, 0.0)
+    iqr = subj["iqr"]
+    # CAT12: IQR = rms([NCR_mark res_RMS_mark], 8); keep both marks near the IQR.
+    return (
+        '<?xml version="1.0" encoding="utf-8"?>\n'
+        "<S>\n"
+        "  <software>\n    <version_cat>12.9</version_cat>\n    <revision_cat>2558</revision_cat>\n  </software>\n"
+        "  <subjectmeasures>\n"
+        f"    <vol_TIV>{tiv:.4f}</vol_TIV>\n"
+        f"    <vol_abs_CGW>[{csf:.4f} {gm_ml:.4f} {wm:.4f} 0 0]</vol_abs_CGW>\n"
+        f"    <vol_rel_CGW>[{csf / tiv:.6f} {gm_ml / tiv:.6f} {wm / tiv:.6f} 0 0]</vol_rel_CGW>\n"
+        "  </subjectmeasures>\n"
+        "  <qualityratings>\n"
+        f"    <NCR>{iqr * 1.02:.4f}</NCR>\n    <ICR>{1.5:.4f}</ICR>\n    <res_RMS>{iqr * 0.98:.4f}</res_RMS>\n"
+        f"    <IQR>{iqr:.4f}</IQR>\n"
+        "  </qualityratings>\n"
+        "</S>\n"
+    )
+
+
+PARTICIPANT_COLUMNS = ["participant_id", "site", "diagnosis", "age", "sex", "education_years", "panss_total"]
+
+PARTICIPANTS_JSON = {
+    "participant_id": {"Description": "Unique participant label (BIDS)."},
+    "site": {"Description": "Acquisition site / scanner; the unit of leave-one-site-out cross-validation."},
+    "diagnosis": {
+        "Description": "Clinical group.",
+        "Levels": {"SZ": "schizophrenia (patient)", "HC": "healthy control"},
+    },
+    "age": {"Description": "Age at scan.", "Units": "year"},
+    "sex": {"Description": "Sex.", "Levels": {"M": "male", "F": "female"}},
+    "education_years": {"Description": "Years of formal education.", "Units": "year"},
+    "panss_total": {
+        "Description": "PANSS total score (30 items x 1-7), patients only; n/a for controls.",
+        "Units": "score (30-210)",
+    },
+}
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "n/a"
+    return str(v)
+
+
+def write_tsv(path: Path, columns: list[str], rows: list[list[Any]]) -> None:
+    """Write a tab-separated table atomically (``n/a`` for missing values)."""
+    lines = ["\t".join(columns)] + ["\t".join(_fmt(v) for v in r) for r in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+GT_README = """# Ground truth of a synthetic CAT12 cohort (data_prep.synth)
+
+Not part of the CAT12 layout; the packer ignores this folder.
+
+- `scores.tsv`: one row per subject: `specific_severity` (0 for controls; the patient's multiple of
+  the unit schizophrenia effect), `common_<k>` (score of common shape factor k, N(0,1)), `age_score`
+  ((age - 40) / 10, the multiple of `age_effect.nii.gz`), `tiv_ml`, `iqr` (CAT12 IQR mark, 1 best, 6 worst),
+  `poor_quality` (1 = scanned with extra noise/blur and a low IQR rating), site scanner parameters.
+- `specific_effect.nii.gz`: the planted schizophrenia-specific effect at unit severity, as the log Jacobian
+  determinant of the planted deformation (negative = local atrophy).
+- `specific_regions.nii.gz`: binary mask of the planted regions (the core of each region, |x - c| <= sigma,
+  where the atrophy is at least 40 % of its peak; it fades to zero at sqrt(3) sigma): {regions}.
+- `common_<k>.nii.gz`: log Jacobian of common factor k at unit score; `age_effect.nii.gz`: per decade.
+- `base_gm.nii.gz`: the base anatomy (nilearn MNI152 GM map on this grid, scaled to {gm_ml:.0f} ml).
+- `sites.tsv`: each site's scanner effects (intensity scale, smoothing FWHM, noise SD, bias amplitude).
+- `synth.json`: the exact preset and seed; re-running with the same values resumes, others are refused.
+
+Subject model: mwp1(x) = GM(x + u(x)) * det(I + grad u(x)) * TIV/{tiv_ref:.0f}, then site intensity scale,
+bias field, Gaussian smoothing and noise. `wj_<id>.nii.gz` is det(I + grad u) * TIV/{tiv_ref:.0f}.
+u = sum over effects of score * grad(phi), phi a sum of Gaussian potentials.
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+_WORK: dict[str, Any] = {}
+
+
+def _subject_paths(out: Path, pid: str) -> tuple[Path, Path, Path]:
+    return (
+        out / pid / "mri" / f"mwp1{pid}.nii.gz",
+        out / pid / "mri" / f"wj_{pid}.nii.gz",
+        out / pid / "report" / f"cat_{pid}.xml",
+    )
+
+
+def _do_subject(index: int) -> int:
+    """Render and write subject ``index`` (skipped when its files already exist)."""
+    w = _WORK
+    subj = w["subjects"][index]
+    out: Path = w["out"]
+    mwp1, wj, xml = _subject_paths(out, subj["participant_id"])
+    if mwp1.exists() and xml.exists() and (wj.exists() or not w["jacobian"]):
+        return index
+    vol, jac = render_subject(w["fields"], subj, w["sites"][subj["site"]], w["seed"], index)
+    f: Fields = w["fields"]
+    if w["jacobian"]:
+        save_nifti(wj, jac, f.affine)
+    gm_ml = float(vol.sum()) * f.voxel_mm**3 / 1000.0
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(xml, cat_xml(subj, gm_ml))
+    save_nifti(mwp1, vol, f.affine)  # last: its presence marks the subject done
+    return index
+
+
+def synthesize(
+    out: str | os.PathLike,
+    preset: str = "tiny",
+    seed: int = 0,
+    voxel_mm: float | None = None,
+    n_jobs: int | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> Path:
+    """Synthesize a CAT12-layout cohort with planted effects.
+
+    Parameters
+    ----------
+    out : path
+        Cohort folder (created). Re-running with the same settings resumes; other settings raise.
+    preset : {"tiny", "demo", "paper"}
+        Cohort size and grid.
+    seed : int
+        Root seed of every random draw.
+    voxel_mm : float or None
+        Overrides the preset's voxel size.
+    n_jobs : int or None
+        Worker processes (None = all cores; 1 = in this process).
+    progress : bool
+        Show a tqdm progress bar.
+    **overrides
+        See :func:`resolve_preset` (``sites=``, ``subjects_per_site=``, ``patients_per_site=``,
+        any :class:`Preset` field).
+
+    Returns
+    -------
+    Path
+        ``out``.
+    """
+    from tqdm import tqdm
+
+    out = Path(out)
+    p = resolve_preset(preset, voxel_mm, **overrides)
+    gt = out / GROUND_TRUTH
+    settings = {"preset": preset, "seed": int(seed), "params": dataclasses.asdict(p)}
+    settings["params"]["site_names"] = p.names()
+    if (gt / "synth.json").exists():
+        old = json.loads((gt / "synth.json").read_text())
+        if old != settings:
+            raise ValueError(
+                f"{out} holds a cohort synthesized with other settings ({gt / 'synth.json'}); "
+                "choose another --out or delete it"
+            )
+    if (out / "participants.tsv").exists() and (gt / "scores.tsv").exists():
+        log.info("%s is complete; nothing to do", out)
+        return out
+
+    rng_sites = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
+    rng_subj = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
+    sites = _sites_table(p, rng_sites)
+    subjects = _subjects_table(p, sites, rng_subj)
+    log.info(
+        "synthesizing %d subjects (%d SZ) at %d sites on a %s grid at %g mm into %s",
+        len(subjects), sum(p.site_patients), len(sites), anatomy.cat12_grid(p.voxel_mm)[0], p.voxel_mm, out,
+    )
+    fields = build_fields(p, sites, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(gt / "synth.json", settings)
+    _write_ground_truth(gt, fields, p, sites)
+
+    _WORK.clear()
+    _WORK.update(
+        subjects=subjects, sites={s["site"]: s for s in sites}, fields=fields, out=out, seed=int(seed),
+        jacobian=p.jacobian,
+    )
+    n_jobs = (os.cpu_count() or 1) if n_jobs is None else max(1, int(n_jobs))
+    todo = range(len(subjects))
+    bar = tqdm(total=len(subjects), desc="synth", unit="subj", disable=not progress)
+    try:
+        if n_jobs == 1 or len(subjects) < 2:
+            for i in todo:
+                _do_subject(i)
+                bar.update()
+        else:
+            # fork: workers inherit the (large, read-only) effect fields without pickling them.
+            with mp.get_context("fork").Pool(n_jobs) as pool:
+                for _ in pool.imap_unordered(_do_subject, todo, chunksize=1):
+                    bar.update()
+    finally:
+        bar.close()
+        _WORK.clear()
+
+    write_tsv(
+        gt / "scores.tsv",
+        ["participant_id", "site", "diagnosis", "specific_severity"]
+        + [f"common_{k + 1}" for k in range(p.n_common)]
+        + ["age_score", "tiv_ml", "iqr", "poor_quality", "panss_total"],
+        [
+            [s["participant_id"], s["site"], s["diagnosis"], s["specific_severity"], *s["common"],
+             round(age_score(s["age"]), 5), s["tiv_ml"], s["iqr"], int(s["poor_quality"]), s["panss_total"]]
+            for s in subjects
+        ],
+    )
+    atomic_write_json(out / "participants.json", PARTICIPANTS_JSON)
+    write_tsv(out / "participants.tsv", PARTICIPANT_COLUMNS, [[s[c] for c in PARTICIPANT_COLUMNS] for s in subjects])
+    log.info("wrote %s (%d subjects) and %s", out / "participants.tsv", len(subjects), gt)
+    return out
+
+
+def _write_ground_truth(gt: Path, f: Fields, p: Preset, sites: list[dict[str, Any]]) -> None:
+    """Write the planted effect maps, the regions mask, site parameters and the README."""
+    gt.mkdir(parents=True, exist_ok=True)
+    save_nifti(gt / "specific_effect.nii.gz", f.specific.log_jacobian(1.0), f.affine)
+    save_nifti(gt / "specific_regions.nii.gz", anatomy.region_mask(anatomy.SZ_REGIONS, f.xyz).astype(np.uint8), f.affine)
+    save_nifti(gt / "age_effect.nii.gz", f.age.log_jacobian(1.0), f.affine)
+    for k, b in enumerate(f.common):
+        save_nifti(gt / f"common_{k + 1}.nii.gz", b.log_jacobian(1.0), f.affine)
+    save_nifti(gt / "base_gm.nii.gz", f.base, f.affine)
+    cols = list(sites[0])
+    write_tsv(gt / "sites.tsv", cols, [[round(s[c], 5) if isinstance(s[c], float) else s[c] for c in cols] for s in sites])
+    regions = ", ".join(f"{b.name} ({b.center[0]:g}, {b.center[1]:g}, {b.center[2]:g}; sigma {b.sigma:g} mm)" for b in anatomy.SZ_REGIONS)
+    atomic_write_text(
+        gt / "README.md",
+        GT_README.format(regions=regions, gm_ml=anatomy.BASE_GM_ML, tiv_ref=anatomy.REFERENCE_TIV_ML),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    from dist_decode.cli import setup_logging
+
+    ap = argparse.ArgumentParser(
+        prog="python -m data_prep.synth",
+        description="Synthesize a multi-site CAT12 cohort (mwp1, wj_, cat_*.xml, participants.tsv) with planted "
+        "common, site and schizophrenia-specific effects and their ground truth.",
+    )
+    ap.add_argument("--out", required=True, type=Path, help="cohort folder to write (resumes if it exists)")
+    ap.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="cohort size and grid (default demo)")
+    ap.add_argument("--seed", type=int, default=0, help="root seed of every random draw (default 0)")
+    ap.add_argument("--voxel-mm", type=float, default=None, help="override the preset's voxel size (mm)")
+    ap.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
+    ap.add_argument("--jacobian", action=argparse.BooleanOptionalAction, default=None,
+                    help="write mri/wj_<id>.nii.gz (default: on for tiny/demo, off for paper)")
+    ap.add_argument("--specific-log-j", type=float, default=None,
+                    help="log Jacobian at the centre of each SZ region at unit severity (default -0.15)")
+    ap.add_argument("--poor-quality-fraction", type=float, default=None, help="share of low-IQR subjects (default 0.05)")
+    ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    setup_logging(args.verbose)
+    from data_prep.pack import _exit_on_sigterm
+
+    _exit_on_sigterm()
+    overrides: dict[str, Any] = {}
+    if args.jacobian is not None:
+        overrides["jacobian"] = args.jacobian
+    if args.specific_log_j is not None:
+        overrides["specific_log_j"] = args.specific_log_j
+    if args.poor_quality_fraction is not None:
+        overrides["poor_quality_fraction"] = args.poor_quality_fraction
+    try:
+        synthesize(args.out, args.preset, args.seed, args.voxel_mm, args.jobs, progress=not args.no_progress, **overrides)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
