@@ -1,0 +1,312 @@
+"""Fold training end to end: real DeepSpeed on CPU (gloo), real ranks, real signals, the tiny store."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from dist_decode.config import RunConfig, override
+from dist_decode.distributed import StopFlag, first_host, free_port, setup_env
+from dist_decode.train import deepspeed_config, main
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLD = 1  # holds out the tiny store's second site
+# tiny model and few steps: a 2-rank fold takes a few seconds plus imports
+ARGS = ["--fold", str(FOLD), "--steps", "8", "--set", "train.batch_size=2", "--set", "model.channels=[8,16,16]",
+        "--set", "model.hidden=32", "--set", "train.checkpoint_every=4", "--set", "train.log_every=4",
+        "--set", "train.feature_samples=3", "--precision", "fp32", "--seed", "7"]
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and not k.startswith("SLURM_")}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")))
+    env.update(extra)
+    return env
+
+
+def _srun_like(store: Path, run_dir: Path, port: int, log_dir: Path, **extra: str) -> list[subprocess.Popen]:
+    """Start 2 ranks the way ``srun --ntasks 2`` does (SLURM variables only)."""
+    procs = []
+    for r in range(2):
+        env = _env(SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS="2",
+                   SLURM_NTASKS="2", SLURM_STEP_TASKS_PER_NODE="2", SLURM_JOB_ID="4242",
+                   SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port), **extra)
+        log = open(log_dir / f"rank{r}.log", "a")
+        procs.append(subprocess.Popen([sys.executable, "-m", "dist_decode.train", "--store", str(store),
+                                       "--run-dir", str(run_dir), *ARGS], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, cwd=ROOT))
+    return procs
+
+
+def _wait(procs: list[subprocess.Popen], timeout: float = 240) -> list[int]:
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 2-rank fold under torchrun; returns the run directory."""
+    run_dir = tmp_path_factory.mktemp("ref_run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "dist_decode.train", "--store", str(tiny_store), "--run-dir", str(run_dir), *ARGS]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return run_dir
+
+
+def _site(store: Path) -> str:
+    from dist_decode.data import Store
+
+    return Store.open(store).sites[FOLD]
+
+
+def test_two_rank_deepspeed_fold_writes_every_output(reference_run: Path, tiny_store: Path):
+    from dist_decode.data import Store, loso_split
+    from dist_decode.model import DecodeSZ, load_fold_model
+
+    store = Store.open(tiny_store)
+    fold_dir = reference_run / "folds" / store.sites[FOLD]
+    for name in ("config.json", "deepspeed.json", "metrics.jsonl", "model_final.pt", "features.h5", "DONE"):
+        assert (fold_dir / name).is_file(), name
+    assert (reference_run / "config.json").is_file()
+    manifest = json.loads((reference_run / "manifest.json").read_text())
+    assert manifest["folds"][str(FOLD)] == store.sites[FOLD] and len(manifest["store_manifest_sha256"]) == 64
+    assert manifest["versions"]["deepspeed"]
+
+    cfg = RunConfig.from_json(fold_dir / "config.json")
+    assert cfg.seed == 7 and cfg.train.steps == 8 and cfg.model.channels == (8, 16, 16)
+    ds = json.loads((fold_dir / "deepspeed.json").read_text())
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["train_batch_size"] == 4
+    assert ds["zero_optimization"]["stage"] == 1 and ds["bf16"]["enabled"] is False
+
+    done = json.loads((fold_dir / "DONE").read_text())
+    assert done["steps"] == 8 and done["world_size"] == 2 and done["model"] == "decode_sz"
+    n_params = done["n_parameters"]
+
+    recs = [json.loads(line) for line in (fold_dir / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["kind"] == "info" and recs[0]["n_parameters"] == n_params
+    train = [r for r in recs if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    for key in ("total", "recon", "kl_c_patients", "kl_s_patients", "kl_c_controls", "tc", "control_s", "disc_loss",
+                "lr", "volumes_per_s", "data_wait_s"):
+        assert all(np.isfinite(r[key]) for r in train), key
+    assert [r["step"] for r in recs if r["kind"] == "val"] == [4, 8]
+
+    split = loso_split(store, FOLD, cfg.data.val_fraction, cfg.seed)
+    with h5py.File(fold_dir / "features.h5", "r") as f:
+        n = len(split.train) + len(split.val) + len(split.test)
+        assert n == store.n
+        sp = f["split"].asstr()[...]
+        assert (sp == "train").sum() == len(split.train) and (sp == "val").sum() == len(split.val)
+        assert set(f["site"].asstr()[sp == "test"]) == {store.sites[FOLD]}
+        assert store.sites[FOLD] not in set(f["site"].asstr()[sp != "test"])
+        rows = f["index"][...]
+        assert list(f["participant_id"].asstr()[...]) == list(store.participant_ids[rows])
+        assert f["c_mean"].shape == (n, 16) and f["s_logvar"].shape == (n, 16)
+        assert f["c_samples"].shape == (n, 3, 16) and f["s_samples"].shape == (n, 3, 16)
+        assert np.all(np.isfinite(f["recon_error"][...])) and np.all(f["recon_error"][...] > 0)
+        assert f.attrs["n_parameters"] == n_params and f.attrs["site"] == store.sites[FOLD]
+        c_mean = f["c_mean"][...]
+
+    # the analysis stages' loader gives back the same model (fp32, CPU, eval, no DeepSpeed)
+    model, cfg2 = load_fold_model(fold_dir)
+    assert isinstance(model, DecodeSZ) and not model.training and cfg2 == cfg
+    assert model.grid == store.grid_shape
+    x = torch.from_numpy(np.stack([store.read(int(i)) for i in rows[:3]]))[:, None]
+    with torch.no_grad():
+        mu, _ = model.encode_common(x)
+        twin = model.decode(mu, torch.zeros(3, cfg.model.latent_specific))
+    assert np.allclose(mu.numpy(), c_mean[:3], atol=1e-5)
+    assert twin.shape == (3, 1, *store.grid_shape)
+
+
+@pytest.mark.slow
+def test_resume_after_sigterm_reproduces_the_uninterrupted_run(reference_run: Path, tiny_store: Path,
+                                                                tmp_path: Path):
+    """SIGTERM to ONE rank mid-run: both ranks agree, checkpoint, exit 143; the restart ends bitwise equal."""
+    run_dir = tmp_path / "run"
+    fold_dir = run_dir / "folds" / _site(tiny_store)
+    metrics = fold_dir / "metrics.jsonl"
+    procs = _srun_like(tiny_store, run_dir, free_port(), tmp_path, DIST_DECODE_STEP_SLEEP="0.5")
+    deadline = time.time() + 240
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if metrics.is_file() and '"step": 3,' in metrics.read_text():
+            break
+        time.sleep(0.1)
+    assert all(p.poll() is None for p in procs), "run ended before the signal could be sent"
+    procs[1].send_signal(signal.SIGTERM)  # only rank 1 is signalled
+    codes = _wait(procs)
+    logs = "".join((tmp_path / f"rank{r}.log").read_text() for r in range(2))
+    assert codes == [143, 143], logs[-3000:]
+    assert not (fold_dir / "DONE").exists()
+    latest = (fold_dir / "checkpoints" / "latest").read_text().strip()
+    stopped = int(latest.removeprefix("step"))
+    assert 3 <= stopped < 8
+
+    procs = _srun_like(tiny_store, run_dir, free_port(), tmp_path)
+    codes = _wait(procs)
+    logs = (tmp_path / "rank0.log").read_text()
+    assert codes == [0, 0], logs[-3000:]
+    assert f"resumed from" in logs and f"at step {stopped}" in logs
+
+    ref = torch.load(reference_run / "folds" / _site(tiny_store) / "model_final.pt", weights_only=False)
+    new = torch.load(fold_dir / "model_final.pt", weights_only=False)
+    assert ref["state_dict"].keys() == new["state_dict"].keys()
+    for k in ref["state_dict"]:  # bitwise: same data order, same noise, deterministic gloo reductions
+        assert torch.equal(ref["state_dict"][k], new["state_dict"][k]), k
+    for k in ref["discriminator"]:
+        assert torch.equal(ref["discriminator"][k], new["discriminator"][k]), k
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, 9))  # records past the checkpoint were not duplicated
+
+
+def test_rerunning_a_finished_fold_does_nothing(reference_run: Path, tiny_store: Path, caplog):
+    done = reference_run / "folds" / _site(tiny_store) / "DONE"
+    before = done.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="dist_decode.train"):
+        code = main(["--store", str(tiny_store), "--run-dir", str(reference_run), *ARGS])
+    assert code == 0
+    assert "already done" in caplog.text
+    assert done.stat().st_mtime_ns == before
+    assert "RANK" not in os.environ  # returned before touching the process environment
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_single_plain_process_bf16(tiny_store: Path, tmp_path: Path, zero: int):
+    """No launcher at all (world size 1, DeepSpeed's MPI discovery avoided), bf16, ZeRO 0 and 2."""
+    cmd = [sys.executable, "-m", "dist_decode.train", "--store", str(tiny_store), "--run-dir", str(tmp_path),
+           "--fold", "0", "--steps", "3", "--set", "train.batch_size=4", "--set", "model.channels=[8,16,16]",
+           "--set", "model.hidden=32", "--set", "train.checkpoint_every=2", "--set", "train.feature_samples=2",
+           "--precision", "bf16", "--zero-stage", str(zero)]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    from dist_decode.data import Store
+
+    fold_dir = tmp_path / "folds" / Store.open(tiny_store).sites[0]
+    done = json.loads((fold_dir / "DONE").read_text())
+    assert done["world_size"] == 1 and done["precision"] == "bf16" and done["zero_stage"] == zero
+    assert json.loads((fold_dir / "deepspeed.json").read_text())["bf16"]["enabled"] is True
+    with h5py.File(fold_dir / "features.h5", "r") as f:
+        assert np.all(np.isfinite(f["s_samples"][...]))
+    assert "parameters" in res.stderr and "already done" not in res.stderr
+    w = torch.load(fold_dir / "model_final.pt", weights_only=False)["state_dict"]["common.head.mu.weight"]
+    assert w.dtype == torch.float32
+    # ZeRO >= 1 keeps fp32 master weights and model_final.pt gets them; ZeRO 0 saves the bf16 weights
+    assert torch.equal(w.to(torch.bfloat16).float(), w) == (zero == 0)
+
+
+def test_clear_errors_for_bad_store_fold_and_site(tiny_store: Path, tiny_cohort: Path, tmp_path: Path, capsys):
+    from dist_decode.data import Store
+
+    assert main(["--store", str(tmp_path / "nope"), "--fold", "0", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "nope: no such packed store" in capsys.readouterr().err
+    assert main(["--store", str(tiny_store), "--fold", "9", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "fold 9 out of range" in capsys.readouterr().err
+    assert main(["--store", str(tiny_store), "--fold", "0", "--run-dir", str(tmp_path / "r"),
+                 "--set", "train.colour=1"]) == 2
+    assert "unknown config field" in capsys.readouterr().err
+    # a fold started with another config is not silently resumed with this one
+    site0 = Store.open(tiny_store).sites[0]
+    (tmp_path / "r2" / "folds" / site0).mkdir(parents=True)
+    override(RunConfig(), ["model.hidden=64"]).to_json(tmp_path / "r2" / "folds" / site0 / "config.json")
+    assert main(["--store", str(tiny_store), "--fold", "0", "--run-dir", str(tmp_path / "r2")]) == 2
+    assert "model.hidden: 64 -> 256" in capsys.readouterr().err
+
+    # a store whose last site has controls only
+    from data_prep.pack import pack
+
+    lines = (tiny_cohort / "participants.tsv").read_text().splitlines()
+    head = lines[0].split("\t")
+    site_col, dx_col = head.index("site"), head.index("diagnosis")
+    last = Store.open(tiny_store).sites[-1]
+    out = [lines[0]]
+    for ln in lines[1:]:
+        cells = ln.split("\t")
+        if cells[site_col] == last:
+            cells[dx_col] = "HC"
+        out.append("\t".join(cells))
+    tsv = tmp_path / "participants.tsv"
+    tsv.write_text("\n".join(out) + "\n")
+    store2 = tmp_path / "store_hc_only"
+    pack(tiny_cohort, tsv, store2, progress=False, n_jobs=1)
+    k = Store.open(store2).sites.index(last)
+    assert main(["--store", str(store2), "--fold", str(k), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert last in err and "cannot be a LOSO test site" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_launcher_environments_are_resolved():
+    env = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4",
+           "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    d = setup_env(env)
+    assert (d.rank, d.world_size, d.local_rank, d.local_world_size, d.launcher) == (3, 4, 1, 2, "slurm")
+    assert env["MASTER_ADDR"] == "gpu07" and env["MASTER_PORT"] == str(20000 + 123456 % 30000)
+    assert env["RANK"] == "3" and env["WORLD_SIZE"] == "4" and env["LOCAL_RANK"] == "1"
+    # a batch script's own process (no srun step) is a single process, not rank 0 of 4
+    d = setup_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "1"})
+    assert (d.world_size, d.launcher) == (1, "single")
+    # torchrun / submitit exports win
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1234",
+           "SLURM_PROCID": "0", "SLURM_STEP_ID": "0"}
+    d = setup_env(env)
+    assert (d.rank, d.world_size, d.launcher) == (1, 2, "env")
+    env = {}
+    d = setup_env(env)
+    assert (d.world_size, env["MASTER_ADDR"]) == (1, "127.0.0.1") and int(env["MASTER_PORT"]) > 0
+    assert first_host("cn001") == "cn001" and first_host("a[1-3,5],b2") == "a1"
+
+
+def test_deepspeed_config_is_derived_from_the_typed_config():
+    cfg = override(RunConfig(), ["train.zero_stage=2", "train.batch_size=6", "train.gradient_clipping=0.5"])
+    ds = deepspeed_config(cfg, 4, "bf16")
+    assert ds["zero_optimization"] == {"stage": 2} and ds["bf16"] == {"enabled": True}
+    assert ds["train_micro_batch_size_per_gpu"] == 6 and ds["train_batch_size"] == 24
+    assert ds["gradient_clipping"] == 0.5 and "optimizer" not in ds  # client AdamW: no FusedAdam JIT
+    with pytest.raises(ValueError, match="zero_stage"):
+        deepspeed_config(override(cfg, ["train.zero_stage=3"]), 1, "fp32")
+    with pytest.raises(ValueError, match="batch_size"):
+        deepspeed_config(override(cfg, ["train.batch_size=3"]), 1, "fp32")
+
+
+def test_metrics_are_trimmed_to_the_resumed_checkpoint(tmp_path: Path):
+    from dist_decode.trainer import FoldTrainer as _Trainer
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"kind": "info", "step": 0}] + [{"kind": "train", "step": s} for s in range(1, 7)] + \
+        [{"kind": "val", "step": 4}, {"kind": "info", "step": 4}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"kind": "train", "st')  # killed mid-line
+    _Trainer._trim_metrics(path, 4)
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in recs] == [("info", 0)] + [("train", s) for s in range(1, 5)] + [("val", 4)]
+
+
+def test_stop_flag_records_preemption_signals_and_restores_handlers():
+    before = signal.getsignal(signal.SIGUSR1)
+    with StopFlag() as stop:
+        assert not stop.raised
+        os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's --signal=USR1@... before the time limit
+        time.sleep(0.05)
+        assert stop.raised and stop.signum == signal.SIGUSR1
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal keeps the first
+        time.sleep(0.05)
+        assert stop.signum == signal.SIGUSR1
+    assert StopFlag.exit_code(signal.SIGUSR1) == 138 and StopFlag.exit_code(signal.SIGTERM) == 143
+    assert signal.getsignal(signal.SIGUSR1) == before
