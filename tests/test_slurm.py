@@ -1,0 +1,199 @@
+"""The SLURM routes on the project's real single-node SLURM (scripts/slurm_up.sh).
+
+Skipped when SLURM is not up, unless CI=true (then they fail). Jobs are followed by polling
+``squeue``/``scontrol`` every 0.25 s (``sbatch --wait`` polls at 2/10/42 s).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch import slurmctl
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+#: A fold of the tiny cohort in a few seconds (batch 4: the trainer needs >= 2 patients per batch).
+FAST = ["train.steps=6", "train.checkpoint_every=3", "model.channels=[4, 8]", "model.hidden=16",
+        "train.batch_size=4", "train.feature_samples=2", "rsa.permutations=200", "rsa.block_size=100"]
+
+
+@pytest.fixture(scope="module")
+def slurm() -> None:
+    if slurmctl.slurm_available():
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail("SLURM is not up under CI=true: scripts/run_tests.sh should have started it (scripts/slurm_up.sh)")
+    pytest.skip("SLURM is not up; start it with: bash scripts/slurm_up.sh")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", DD_REPO=str(REPO))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A packed 3-site cohort (8 subjects each, 4 patients, 8 mm grid) from the real data_prep code."""
+    from data_prep.pack import pack
+    from data_prep.synth import synthesize
+
+    root = tmp_path_factory.mktemp("slurm_data")
+    synthesize(root / "cohort", "tiny", seed=3, voxel_mm=8.0, progress=False, site_sizes=[8, 8, 8],
+               site_patients=[4, 4, 4], poor_quality_fraction=0.0)
+    pack(root / "cohort", root / "cohort" / "participants.tsv", root / "store")
+    return root / "store"
+
+
+def _config(path: Path, extra: list[str] = ()) -> Path:
+    from dist_decode.config import RunConfig, override
+
+    override(RunConfig(), FAST + list(extra)).to_json(path)
+    return path
+
+
+def _wait_jobs(job_ids: list[str], timeout: float) -> None:
+    """Poll squeue until none of the jobs (or array tasks) is queued or running."""
+    deadline = time.monotonic() + timeout
+    ids = ",".join(job_ids)
+    while time.monotonic() < deadline:
+        out = subprocess.run(["squeue", "-h", "-j", ids, "-o", "%i %T"], capture_output=True, text=True)
+        if out.returncode == 0 and not out.stdout.strip():
+            return
+        time.sleep(0.25)
+    subprocess.run(["scancel", *job_ids])
+    pytest.fail(f"jobs {ids} still queued/running after {timeout:.0f} s:\n{out.stdout}")
+
+
+def _sites(store: Path) -> list[str]:
+    return json.loads((store / "manifest.json").read_text())["sites"]
+
+
+def test_slurm_up_is_idempotent_and_srun_pmi2_gives_one_mpi_world(slurm: None, tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    subprocess.run(["bash", str(REPO / "scripts" / "slurm_up.sh")], check=True, capture_output=True)
+    assert time.monotonic() - t0 < 10, "slurm_up.sh on a running cluster must be a quick no-op"
+    script = tmp_path / "mpi.sh"
+    out = tmp_path / "mpi.out"
+    script.write_text(
+        "#!/bin/bash\n#SBATCH --ntasks=2 --cpus-per-task=1\n"
+        f"srun --mpi=pmi2 {PY} -c \"from mpi4py import MPI; c = MPI.COMM_WORLD; "
+        "print(f'size={c.size} rank={c.rank} sum={c.allreduce(c.rank + 1)}')\"\n")
+    jid = subprocess.run(["sbatch", "--parsable", "-o", str(out), str(script)], check=True, capture_output=True,
+                         text=True, env=_env()).stdout.strip()
+    _wait_jobs([jid], 60)
+    assert slurmctl.job_state(jid) == "COMPLETED"
+    lines = sorted(out.read_text().split())
+    assert "size=2" in lines and "rank=0" in lines and "rank=1" in lines and lines.count("sum=3") == 2
+
+
+def test_sbatch_loso_array_route_end_to_end(slurm: None, store: Path, tmp_path: Path) -> None:
+    """slurm/submit_all.sh: the fold array (2 srun ranks per fold), maps, RSA (srun --mpi=pmi2), report."""
+    run = tmp_path / "run"
+    cfg = _config(tmp_path / "cfg.json")
+    res = subprocess.run(["bash", str(REPO / "slurm" / "submit_all.sh")], capture_output=True, text=True,
+                         env=_env(DD_STORE=str(store), DD_RUN_DIR=str(run), DD_CONFIG=str(cfg), DD_FOLD_TASKS="2"),
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    fold, maps, rsa, report = res.stdout.split()
+    _wait_jobs([fold, maps, rsa, report], 240)
+    for jid in (maps, rsa, report):
+        assert slurmctl.job_state(jid) == "COMPLETED", (jid, (run / "launch" / "slurm").iterdir())
+    for site in _sites(store):
+        done = json.loads((run / "folds" / site / "DONE").read_text())
+        assert done["world_size"] == 2, f"fold {site} did not run with the 2 srun ranks of its task"
+    assert (run / "maps" / "overlap.nii.gz").is_file()
+    rsa_log = next((run / "launch" / "slurm").glob("dd-rsa-*.out")).read_text()
+    assert "2 rank(s)" in rsa_log, rsa_log[-2000:]
+    assert (run / "rsa" / "rsa.json").is_file()
+    assert (run / "report" / "index.html").is_file()
+
+
+def test_launch_submit_slurm_failing_fold_blocks_report_and_rerun_completes_the_rest(
+        slurm: None, store: Path, tmp_path: Path) -> None:
+    """launch.submit --cluster slurm: fold 1 cannot write its folder -> everything downstream is not run and
+    launch.status says so; after fixing it the same command finishes only what is missing."""
+    run = tmp_path / "run"
+    cfg = _config(tmp_path / "cfg.json")
+    sites = _sites(store)
+    blocker = run / "folds" / sites[1]
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("not a directory: makes fold 1 fail\n")
+    cmd = [PY, "-m", "launch.submit", "--store", str(store), "--run-dir", str(run), "--folds", "all",
+           "--cluster", "slurm", "--config", str(cfg), "--wait", "--poll", "0.25"]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert not (run / "report" / "index.html").exists()
+    status = subprocess.run([PY, "-m", "launch.status", "--run-dir", str(run)], capture_output=True, text=True,
+                            env=_env())
+    assert status.returncode == 1, status.stdout
+    rows = {line.split()[0]: line for line in status.stdout.splitlines()[1:] if line.strip()}
+    assert " failed " in rows["fold-1"], status.stdout
+    assert " not run " in rows["report"] and "upstream" in rows["report"], status.stdout
+    others = [k for k in range(len(sites)) if k != 1]
+    for k in others:
+        assert " done " in rows[f"fold-{k}"], status.stdout
+    before = {k: (run / "folds" / sites[k] / "DONE").stat().st_mtime_ns for k in others}
+    jobs_before = json.loads((run / "launch" / "jobs.json").read_text())["jobs"]
+
+    blocker.unlink()
+    second = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert (run / "report" / "index.html").is_file()
+    assert "report: " + str(run / "report" / "index.html") in second.stdout
+    after = {k: (run / "folds" / sites[k] / "DONE").stat().st_mtime_ns for k in others}
+    assert after == before, "finished folds must not be trained again"
+    jobs_after = json.loads((run / "launch" / "jobs.json").read_text())["jobs"]
+    assert jobs_after["fold-0"]["job_id"] == jobs_before["fold-0"]["job_id"]
+    assert jobs_after["fold-1"]["job_id"] != jobs_before["fold-1"]["job_id"]
+    assert (run / "folds" / sites[1] / "DONE").is_file()
+
+
+def test_scontrol_requeue_of_a_running_fold_resumes_from_its_checkpoint(
+        slurm: None, store: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg = _config(tmp_path / "cfg.json", ["train.steps=100", "train.checkpoint_every=5"])
+    site = _sites(store)[0]
+    res = subprocess.run([PY, "-m", "launch.submit", "--store", str(store), "--run-dir", str(run), "--folds", "0",
+                          "--cluster", "slurm", "--config", str(cfg), "--single-maps-job"],
+                         capture_output=True, text=True, env=_env())
+    assert res.returncode == 0, res.stderr
+    jobs = json.loads((run / "launch" / "jobs.json").read_text())["jobs"]
+    fold_job = jobs["fold-0"]["job_id"]
+    # submitting again while the jobs are queued/running reuses them instead of submitting twice
+    again = subprocess.run([PY, "-m", "launch.submit", "--store", str(store), "--run-dir", str(run), "--folds", "0",
+                            "--cluster", "slurm", "--config", str(cfg), "--single-maps-job"],
+                           capture_output=True, text=True, env=_env())
+    assert again.returncode == 0 and "already queued" in again.stderr, again.stderr
+    assert json.loads((run / "launch" / "jobs.json").read_text())["jobs"] == jobs
+    ckpts = run / "folds" / site / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not (ckpts.is_dir() and any(p.name.startswith("step") for p in ckpts.iterdir())):
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        assert not (run / "folds" / site / "DONE").exists(), "fold finished before it could be requeued"
+        time.sleep(0.25)
+    subprocess.run(["scontrol", "requeue", fold_job], check=True)
+    # SLURM holds a requeued batch job back (BeginTime) for a while; let it start right away.
+    deadline = time.monotonic() + 60
+    while slurmctl.job_state(fold_job) != "PENDING":
+        assert time.monotonic() < deadline, slurmctl.job_info(fold_job)
+        time.sleep(0.25)
+    subprocess.run(["scontrol", "update", f"jobid={fold_job}", "starttime=now"], check=True)
+    _wait_jobs([fold_job], 180)
+    subprocess.run(["scancel", *[j["job_id"] for j in jobs.values()]])  # the rest of the chain is tested elsewhere
+    info = slurmctl.job_info(fold_job)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, info
+    records = [json.loads(line) for line in (run / "folds" / site / "metrics.jsonl").read_text().splitlines()]
+    starts = [r for r in records if r.get("kind") == "info"]
+    assert starts[0]["resumed"] is False
+    assert any(r["resumed"] and r["step"] > 0 for r in starts[1:]), starts
+    assert json.loads((run / "folds" / site / "DONE").read_text())["steps"] == 100
