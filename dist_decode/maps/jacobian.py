@@ -17,8 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_decode.config import MapsConfig
+
 # ITK reads this when its first filter is built: one thread per worker process, as the pool does the parallelism.
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
+
+
+_MAPS_DEFAULTS = MapsConfig()
 
 
 @dataclass(frozen=True)
@@ -40,11 +45,12 @@ class SynSettings:
         ITK's sampling seed; with one thread, the same seed gives the same map.
     """
 
-    transform: str = "SyNOnly"
-    iterations: tuple[int, ...] = (40, 20, 0)
-    metric: str = "mattes"
-    flow_sigma: float = 3.0
-    total_sigma: float = 0.0
+    # Defaults come from MapsConfig so a direct call and a pipeline run register the same way.
+    transform: str = _MAPS_DEFAULTS.syn_transform
+    iterations: tuple[int, ...] = tuple(_MAPS_DEFAULTS.syn_iterations)
+    metric: str = _MAPS_DEFAULTS.syn_metric
+    flow_sigma: float = _MAPS_DEFAULTS.syn_flow_sigma
+    total_sigma: float = _MAPS_DEFAULTS.syn_total_sigma
     seed: int = 0
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_decode.model.blocks import reparameterize
+from dist_decode.model.blocks import contrastive_pass
 
 ANCHOR_GRID = (64, 64, 64)
 ANCHOR_N_PARAMETERS = 202_434_754
@@ -135,21 +135,10 @@ class AnchorCVAE2022(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Same contract as :meth:`DecodeSZ.forward`: controls decoded from ``[z, 0]``, patients from ``[z, s]``."""
         xin = self._prep(x)
-        c_mu, c_logvar = self.z_encoder(xin)
-        c = reparameterize(c_mu, c_logvar, generator)
-        pidx = torch.nonzero(patient, as_tuple=False).flatten()
-        cidx = torch.nonzero(~patient, as_tuple=False).flatten()
-        s_mu, s_logvar = self.s_encoder(xin[pidx])
-        s = reparameterize(s_mu, s_logvar, generator)
-        s_dec = torch.zeros(x.shape[0], self.latent_specific, dtype=c.dtype, device=c.device).index_copy(0, pidx, s)
-        out = {
-            "x": xin, "x_hat": self.decode_normalized(c, s_dec),
-            "c_mu": c_mu, "c_logvar": c_logvar, "c": c,
-            "s_mu": s_mu, "s_logvar": s_logvar, "s": s, "s_dec": s_dec,
-            "patient_index": pidx, "control_index": cidx,
-        }
-        if control_s and cidx.numel():
-            out["s_ctl_mu"], out["s_ctl_logvar"] = self.s_encoder(xin[cidx])
+        out = contrastive_pass(xin, patient, self.z_encoder, self.s_encoder, self.latent_specific,
+                               self.decode_normalized, generator, control_s)
+        out["x"] = xin
+        c, s, pidx = out["c"], out["s"], out["patient_index"]
         # the published TC terms need the in-model discriminator on (s, z) pairs of patients
         zp = c[pidx]
         half = max(1, s.shape[0] // 2)

@@ -102,6 +102,40 @@ def reparameterize(
     return mu + torch.exp(0.5 * logvar) * eps
 
 
+def contrastive_pass(
+    xin: torch.Tensor,
+    patient: torch.Tensor,
+    common: nn.Module,
+    specific: nn.Module,
+    latent_specific: int,
+    decode_normalized,
+    generator: torch.Generator | None = None,
+    control_s: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The contrastive routing shared by every model: c for all subjects, s for patients only.
+
+    Controls are decoded from ``[c, 0]`` and patients from ``[c, s]``. ``index_copy`` writes only the
+    patient rows of the decoder's S input, so no control S value (or its gradient path) can enter the
+    decoder. ``xin`` is the network-units input; the caller adds model-specific outputs.
+    """
+    c_mu, c_logvar = common(xin)
+    c = reparameterize(c_mu, c_logvar, generator)
+    pidx = torch.nonzero(patient, as_tuple=False).flatten()
+    cidx = torch.nonzero(~patient, as_tuple=False).flatten()
+    s_mu, s_logvar = specific(xin[pidx])
+    s = reparameterize(s_mu, s_logvar, generator)
+    s_dec = torch.zeros(xin.shape[0], latent_specific, dtype=c.dtype, device=c.device).index_copy(0, pidx, s)
+    out = {
+        "x_hat": decode_normalized(c, s_dec),
+        "c_mu": c_mu, "c_logvar": c_logvar, "c": c,
+        "s_mu": s_mu, "s_logvar": s_logvar, "s": s, "s_dec": s_dec,
+        "patient_index": pidx, "control_index": cidx,
+    }
+    if control_s and cidx.numel():
+        out["s_ctl_mu"], out["s_ctl_logvar"] = specific(xin[cidx])
+    return out
+
+
 def count_parameters(module: nn.Module) -> int:
     """Number of parameters (trainable or not) of ``module``."""
     return sum(p.numel() for p in module.parameters())

@@ -22,12 +22,12 @@ from dist_decode.model.blocks import (
     ConvBlock,
     GaussianHead,
     UpBlock,
+    contrastive_pass,
     crop_to,
     group_norm,
     pad_amounts,
     pad_to,
     padded_shape,
-    reparameterize,
 )
 
 
@@ -206,22 +206,7 @@ class DecodeSZ(nn.Module):
             controls when ``control_s``, and ``s_dec`` (N, ds), the S input the decoder received.
         """
         xin = self._prep(x)
-        c_mu, c_logvar = self.common(xin)
-        c = reparameterize(c_mu, c_logvar, generator)
-        pidx = torch.nonzero(patient, as_tuple=False).flatten()
-        cidx = torch.nonzero(~patient, as_tuple=False).flatten()
-        s_mu, s_logvar = self.specific(xin[pidx])
-        s = reparameterize(s_mu, s_logvar, generator)
-        # Controls get exact zeros; index_copy only writes patient rows, so no control S value
-        # (or its gradient path) can enter the decoder.
-        s_dec = torch.zeros(x.shape[0], self.latent_specific, dtype=c.dtype, device=c.device)
-        s_dec = s_dec.index_copy(0, pidx, s)
-        out = {
-            "x": crop_to(xin, self._pads), "x_hat": self.decode_normalized(c, s_dec),
-            "c_mu": c_mu, "c_logvar": c_logvar, "c": c,
-            "s_mu": s_mu, "s_logvar": s_logvar, "s": s, "s_dec": s_dec,
-            "patient_index": pidx, "control_index": cidx,
-        }
-        if control_s and cidx.numel():
-            out["s_ctl_mu"], out["s_ctl_logvar"] = self.specific(xin[cidx])
+        out = contrastive_pass(xin, patient, self.common, self.specific, self.latent_specific,
+                               self.decode_normalized, generator, control_s)
+        out["x"] = crop_to(xin, self._pads)
         return out
