@@ -146,6 +146,46 @@ class DeformationBasis:
         """Return log det(I + score * grad u) of this effect alone (float32)."""
         return np.log(np.clip(jacobian_det(score * self.hess), 1e-6, None)).astype(np.float32)
 
+    log_effect = log_jacobian  # the planted effect in the common unit of a log ratio of tissue
+
+
+@dataclass
+class DensityBasis:
+    """A grey-matter density change in place (no displacement), at unit score.
+
+    Attributes
+    ----------
+    log_density : ndarray, shape (X, Y, Z)
+        ``log(mwp1 after / mwp1 before)`` at unit score (negative = loss).
+    """
+
+    log_density: np.ndarray
+
+    def log_effect(self, score: float = 1.0) -> np.ndarray:
+        """Return the log density ratio of this effect at ``score`` (float32)."""
+        return (np.float32(score) * self.log_density).astype(np.float32)
+
+
+def density_basis(blobs: tuple[Blob, ...] | list[Blob], xyz: np.ndarray, log_peak: float) -> DensityBasis:
+    """Sum of unit-peak Gaussians ``amp * exp(-|x - c|^2 / (2 sigma^2))`` times ``log_peak`` (a log density ratio)."""
+    out = np.zeros(xyz.shape[1:], np.float32)
+    for b in blobs:
+        d = xyz - np.asarray(b.center, np.float32)[:, None, None, None]
+        out += np.float32(log_peak * b.amplitude) * np.exp(-(d**2).sum(0) / (2.0 * b.sigma**2)).astype(np.float32)
+    return DensityBasis(out)
+
+
+def random_region_names():
+    """A function naming an MNI point by its hemisphere and lobe-level position (for random regions)."""
+
+    def name(c) -> str:
+        x, y, z = (float(v) for v in c)
+        side = "left" if x < -2 else "right" if x > 2 else "midline"
+        ap = "frontal" if y > 0 else "parietal" if y > -60 and z > 20 else "temporal" if y > -60 else "occipital"
+        return f"{side} {ap}"
+
+    return name
+
 
 def blob_basis(blobs: tuple[Blob, ...] | list[Blob], xyz: np.ndarray, log_j_peak: float) -> DeformationBasis:
     """Sum the displacement/Hessian fields of ``blobs`` on the coordinates ``xyz`` (3, X, Y, Z).

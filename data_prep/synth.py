@@ -73,6 +73,29 @@ class Preset:
         Share of ``n/a`` in education_years and (patients') panss_total.
     jacobian : bool
         Also write ``mri/wj_<id>.nii.gz``.
+    specific_kind : {"shape", "density"}
+        How the schizophrenia-specific effect is planted: ``shape`` is a smooth atrophic deformation
+        (modulated, so the mwp1 map loses tissue through the Jacobian); ``density`` lowers grey-matter
+        density in place (no displacement, nothing in ``wj_``), ``exp(severity * specific_log_j * g(x))``
+        with ``g`` a unit-peak Gaussian per region.
+    specific_regions : {"sz", "random"}
+        ``sz``: the eight anatomically plausible regions of :data:`anatomy.SZ_REGIONS`; ``random``:
+        ``n_specific_regions`` centres drawn on grey matter from the seed.
+    n_specific_regions : int
+        Number of regions when ``specific_regions="random"``.
+    specific_sigma_scale : float
+        Multiplies every region's width (size of the planted effect).
+    n_specific : int
+        Independent specific factors (subtypes of severity): the regions are dealt round-robin to the
+        factors and every patient draws one severity per factor.
+    site_gain_sd : float
+        SD of each site's global intensity scale (mean 1).
+    site_fwhm_max_mm : float
+        Each site's extra smoothing FWHM is uniform in [0, this].
+    site_noise_max : float
+        Each site's noise SD is uniform in [0.005, this].
+    site_bias_max : float
+        Each site's bias-field amplitude is uniform in [0.02, this].
     """
 
     site_sizes: list[int]
@@ -89,6 +112,15 @@ class Preset:
     poor_quality_fraction: float = 0.05
     missing_fraction: float = 0.03
     jacobian: bool = True
+    specific_kind: str = "shape"
+    specific_regions: str = "sz"
+    n_specific_regions: int = 6
+    specific_sigma_scale: float = 1.0
+    n_specific: int = 1
+    site_gain_sd: float = 0.06
+    site_fwhm_max_mm: float = 6.0
+    site_noise_max: float = 0.03
+    site_bias_max: float = 0.06
 
     def names(self) -> list[str]:
         """Return the site labels."""
@@ -106,7 +138,34 @@ PRESETS: dict[str, Preset] = {
     "paper": Preset(
         [236, 198, 182, 165, 149, 128, 104, 88], [124, 98, 96, 82, 79, 63, 55, 44], 1.5, jacobian=False
     ),
+    # Planted variants that differ from the demo in the kind, place and size of the effect and in the site
+    # effects; the science benchmark (benchmarks/bench_science.py) reports every metric on each of them.
+    # A modulated density loss at six random grey-matter places, 4 mm, 14-22 patients per site, strong sites.
+    "density": Preset(
+        [34, 30, 38, 28, 40, 33, 29, 36], [16, 14, 19, 14, 22, 17, 15, 18], 4.0, specific_kind="density",
+        specific_regions="random", n_specific_regions=6, specific_log_j=-0.2, site_gain_sd=0.1,
+        site_fwhm_max_mm=8.0, site_noise_max=0.04,
+    ),
+    # Small shape effects (60 % of the demo's widths) at four random places, 3 mm.
+    "small": Preset(
+        [30, 28, 27, 25, 24, 22, 21, 20], [15, 14, 14, 12, 12, 11, 11, 10], 3.0, specific_regions="random",
+        n_specific_regions=4, specific_sigma_scale=0.6, specific_log_j=-0.25,
+    ),
+    # The demo's regions under much stronger scanner differences (gain, bias, smoothing, noise), 3 mm.
+    "sites": Preset(
+        [30, 28, 27, 25, 24, 22, 21, 20], [15, 14, 14, 12, 12, 11, 11, 10], 3.0, site_gain_sd=0.15,
+        site_fwhm_max_mm=10.0, site_noise_max=0.05, site_bias_max=0.12,
+    ),
+    # Two independent specific factors (subtypes of severity) of larger density losses, 4 mm.
+    "two-factor": Preset(
+        [34, 30, 38, 28, 40, 33, 29, 36], [16, 14, 19, 14, 22, 17, 15, 18], 4.0, specific_kind="density",
+        specific_regions="random", n_specific_regions=6, specific_sigma_scale=1.3, n_specific=2,
+        specific_log_j=-0.2,
+    ),
 }
+
+SPECIFIC_KINDS = ("shape", "density")
+SPECIFIC_REGION_SETS = ("sz", "random")
 
 
 def resolve_preset(preset: str, voxel_mm: float | None = None, **overrides: Any) -> Preset:
@@ -165,6 +224,15 @@ def resolve_preset(preset: str, voxel_mm: float | None = None, **overrides: Any)
     for name, n, k in zip(p.names(), p.site_sizes, p.site_patients):
         if not 0 <= k <= n or n < 1:
             raise ValueError(f"site {name}: {k} patients among {n} subjects is impossible")
+    if p.specific_kind not in SPECIFIC_KINDS:
+        raise ValueError(f"specific_kind {p.specific_kind!r}: choose from {list(SPECIFIC_KINDS)}")
+    if p.specific_regions not in SPECIFIC_REGION_SETS:
+        raise ValueError(f"specific_regions {p.specific_regions!r}: choose from {list(SPECIFIC_REGION_SETS)}")
+    n_regions = len(anatomy.SZ_REGIONS) if p.specific_regions == "sz" else p.n_specific_regions
+    if not 1 <= p.n_specific <= n_regions:
+        raise ValueError(f"n_specific {p.n_specific}: needs 1..{n_regions} (one region per factor at least)")
+    if not p.specific_sigma_scale > 0:
+        raise ValueError(f"specific_sigma_scale {p.specific_sigma_scale}: must be positive")
     return p
 
 
@@ -180,20 +248,29 @@ def _sites_table(p: Preset, rng: np.random.Generator) -> list[dict[str, Any]]:
         rows.append(
             {
                 "site": name,
-                "intensity_scale": float(np.clip(rng.normal(1.0, 0.06), 0.8, 1.2)),
-                "smooth_fwhm_mm": float(rng.uniform(0.0, 6.0)),
-                "noise_sd": float(rng.uniform(0.005, 0.03)),
-                "bias_amplitude": float(rng.uniform(0.02, 0.06)),
+                "intensity_scale": float(np.clip(rng.normal(1.0, p.site_gain_sd), 1 - p.site_gain_sd * 10 / 3,
+                                                  1 + p.site_gain_sd * 10 / 3)),
+                "smooth_fwhm_mm": float(rng.uniform(0.0, p.site_fwhm_max_mm)),
+                "noise_sd": float(rng.uniform(0.005, p.site_noise_max)),
+                "bias_amplitude": float(rng.uniform(0.02, p.site_bias_max)),
                 "age_mean": float(rng.uniform(28.0, 42.0)),
             }
         )
     return rows
 
 
-def _subjects_table(p: Preset, sites: list[dict[str, Any]], rng: np.random.Generator) -> list[dict[str, Any]]:
-    """Draw demographics, clinical scores, latent effect scores and quality of every subject."""
+def _subjects_table(p: Preset, sites: list[dict[str, Any]], rng: np.random.Generator,
+                    rng_extra: np.random.Generator | None = None) -> list[dict[str, Any]]:
+    """Draw demographics, clinical scores, latent effect scores and quality of every subject.
+
+    ``rng_extra`` draws the severities of specific factors 2..n (its own stream, so a one-factor cohort is
+    the same whatever the other options).
+    """
+    if p.n_specific > 1 and rng_extra is None:
+        raise ValueError("several specific factors need rng_extra")
     subjects = []
     shape_k = 1.0 / p.severity_sd**2  # gamma with mean 1 and sd severity_sd
+
     for s, n, n_pat in zip(sites, p.site_sizes, p.site_patients):
         dx = np.array([PATIENT] * n_pat + [CONTROL] * (n - n_pat))
         rng.shuffle(dx)
@@ -205,6 +282,9 @@ def _subjects_table(p: Preset, sites: list[dict[str, Any]], rng: np.random.Gener
             edu = float(np.clip(rng.normal(12.5 if patient else 14.0, 2.5), 6.0, 22.0))
             sev = float(rng.gamma(shape_k, 1.0 / shape_k)) if patient else 0.0
             z = (sev - 1.0) / p.severity_sd
+            extra = [float(rng_extra.gamma(shape_k, 1.0 / shape_k)) if patient else 0.0 for _ in range(p.n_specific - 1)]
+            if extra:  # PANSS follows the mean severity over the factors
+                z = (np.mean([sev] + extra) - 1.0) / (p.severity_sd / np.sqrt(p.n_specific))
             eps = rng.normal()
             r = p.panss_severity_r
             panss = float(np.clip(np.round(75.0 + 18.0 * (r * z + np.sqrt(1 - r * r) * eps)), 30, 210))
@@ -223,6 +303,7 @@ def _subjects_table(p: Preset, sites: list[dict[str, Any]], rng: np.random.Gener
                     "education_years": None if edu_missing else round(edu),
                     "panss_total": int(panss) if patient and not panss_missing else None,
                     "specific_severity": round(sev, 5),
+                    "specific": [round(v, 5) for v in [sev] + extra],
                     "common": [round(c, 5) for c in common],
                     "tiv_ml": round(tiv, 2),
                     "iqr": round(iqr, 4),
@@ -249,7 +330,8 @@ class Fields:
     voxel_mm: float
     base: np.ndarray
     xyz: np.ndarray
-    specific: anatomy.DeformationBasis
+    specific: list[anatomy.DeformationBasis | anatomy.DensityBasis]
+    specific_blobs: list[tuple[anatomy.Blob, ...]]
     age: anatomy.DeformationBasis
     common: list[anatomy.DeformationBasis]
     bias: dict[str, np.ndarray] = field(default_factory=dict)
@@ -266,6 +348,12 @@ def build_fields(p: Preset, sites: list[dict[str, Any]], seed: int) -> Fields:
         anatomy.blob_basis(anatomy.random_blobs(rng, p.common_blobs, brain), xyz, p.common_log_j)
         for _ in range(p.n_common)
     ]
+    blobs = specific_region_blobs(p, brain, seed)
+    groups = [tuple(blobs[k::p.n_specific]) for k in range(p.n_specific)]  # regions dealt round-robin to factors
+    if p.specific_kind == "shape":
+        specific = [anatomy.blob_basis(g, xyz, p.specific_log_j) for g in groups]
+    else:
+        specific = [anatomy.density_basis(g, xyz, p.specific_log_j) for g in groups]
     bias = {}
     for s in sites:
         blobs = anatomy.random_blobs(rng, 4, brain, sigma_range=(40.0, 70.0))
@@ -281,11 +369,38 @@ def build_fields(p: Preset, sites: list[dict[str, Any]], seed: int) -> Fields:
         voxel_mm=p.voxel_mm,
         base=base,
         xyz=xyz,
-        specific=anatomy.blob_basis(anatomy.SZ_REGIONS, xyz, p.specific_log_j),
+        specific=specific,
+        specific_blobs=groups,
         age=anatomy.blob_basis(anatomy.AGE_REGIONS, xyz, p.age_log_j),
         common=common,
         bias=bias,
     )
+
+
+def specific_region_blobs(p: Preset, brain_xyz: np.ndarray, seed: int) -> list[anatomy.Blob]:
+    """The planted regions: the anatomical set, or ``n_specific_regions`` random grey-matter centres, widths scaled.
+
+    Random centres are at least two widths apart, so the regions stay distinct, and come from their own seed
+    stream (the rest of the cohort does not depend on them).
+    """
+    if p.specific_regions == "sz":
+        blobs = list(anatomy.SZ_REGIONS)
+    else:
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(4,)))
+        blobs = []
+        names = anatomy.random_region_names()
+        for _ in range(10000):
+            if len(blobs) == p.n_specific_regions:
+                break
+            c = brain_xyz[:, rng.integers(brain_xyz.shape[1])].astype(float)
+            sigma = float(rng.uniform(7.0, 11.0))
+            if all(np.linalg.norm(c - np.asarray(b.center)) > 2.0 * (sigma + b.sigma) * p.specific_sigma_scale
+                   for b in blobs):
+                blobs.append(anatomy.Blob(tuple(round(float(v), 1) for v in c), sigma, 1.0,
+                                          f"random region {len(blobs) + 1} ({names(c)})"))
+        if len(blobs) < p.n_specific_regions:
+            raise ValueError(f"could not place {p.n_specific_regions} distinct random regions; use fewer or smaller")
+    return [dataclasses.replace(b, sigma=b.sigma * p.specific_sigma_scale) for b in blobs]
 
 
 def age_score(age: float) -> float:
@@ -298,7 +413,8 @@ def render_subject(f: Fields, subj: dict[str, Any], site: dict[str, Any], seed: 
 
     The subject's deformation ``x -> x + u(x)`` sums the unit bases times the subject's scores;
     ``mwp1(x) = GM(x + u(x)) * det(I + grad u) * TIV / 1500`` (mass-preserving pull-back, i.e.
-    CAT12-style modulation), then the site's intensity scale, bias field, smoothing and noise.
+    CAT12-style modulation), times a density loss ``exp(sum severity * log_density)`` for ``density``
+    specific effects, then the site's intensity scale, bias field, smoothing and noise.
 
     Returns
     -------
@@ -311,8 +427,14 @@ def render_subject(f: Fields, subj: dict[str, Any], site: dict[str, Any], seed: 
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(3, index)))
     scores = [(f.age, age_score(subj["age"]))]
     scores += list(zip(f.common, subj["common"]))
-    if subj["specific_severity"] > 0:
-        scores.append((f.specific, subj["specific_severity"]))
+    density = np.zeros(f.shape, np.float32)
+    for basis, sev in zip(f.specific, subj["specific"]):
+        if sev <= 0:
+            continue
+        if isinstance(basis, anatomy.DensityBasis):
+            density += np.float32(sev) * basis.log_density
+        else:
+            scores.append((basis, sev))
     disp = np.zeros_like(f.xyz)
     hess = np.zeros((6, *f.shape), np.float32)
     for basis, z in scores:
@@ -323,7 +445,7 @@ def render_subject(f: Fields, subj: dict[str, Any], site: dict[str, Any], seed: 
     scale = np.diag(f.affine)[:3].astype(np.float32)[:, None, None, None]
     ijk = (f.xyz + disp - f.affine[:3, 3].astype(np.float32)[:, None, None, None]) / scale
     warped = ndimage.map_coordinates(f.base, ijk, order=1, mode="constant", cval=0.0)
-    vol = warped * jac * np.float32(site["intensity_scale"]) * f.bias[site["site"]]
+    vol = warped * jac * np.exp(density) * np.float32(site["intensity_scale"]) * f.bias[site["site"]]
     fwhm = site["smooth_fwhm_mm"] + (4.0 if subj["poor_quality"] else 0.0)
     if fwhm > 0:
         vol = ndimage.gaussian_filter(vol, fwhm / 2.3548 / f.voxel_mm, mode="constant")
@@ -411,19 +533,20 @@ GT_README = """# Ground truth of a synthetic CAT12 cohort (data_prep.synth)
 Not part of the CAT12 layout; the packer ignores this folder.
 
 - `scores.tsv`: one row per subject: `specific_severity` (0 for controls; the patient's multiple of
-  the unit schizophrenia effect), `common_<k>` (score of common shape factor k, N(0,1)), `age_score`
+  the unit schizophrenia effect; with several specific factors `specific_<k>`, one per factor), `common_<k>` (score of common shape factor k, N(0,1)), `age_score`
   ((age - 40) / 10, the multiple of `age_effect.nii.gz`), `tiv_ml`, `iqr` (CAT12 IQR mark, 1 best, 6 worst),
   `poor_quality` (1 = scanned with extra noise/blur and a low IQR rating), site scanner parameters.
-- `specific_effect.nii.gz`: the planted schizophrenia-specific effect at unit severity, as the log Jacobian
-  determinant of the planted deformation (negative = local atrophy).
+- `specific_effect.nii.gz`: the planted schizophrenia-specific effect at unit severity (all factors): {effect}
+  (negative = local atrophy). `specific_effect_<k>.nii.gz` per factor when there are several.
 - `specific_regions.nii.gz`: binary mask of the planted regions (the core of each region, |x - c| <= sigma,
-  where the atrophy is at least 40 % of its peak; it fades to zero at sqrt(3) sigma): {regions}.
+  {core}): {regions}.
 - `common_<k>.nii.gz`: log Jacobian of common factor k at unit score; `age_effect.nii.gz`: per decade.
 - `base_gm.nii.gz`: the base anatomy (nilearn MNI152 GM map on this grid, scaled to {gm_ml:.0f} ml).
 - `sites.tsv`: each site's scanner effects (intensity scale, smoothing FWHM, noise SD, bias amplitude).
 - `synth.json`: the exact preset and seed; re-running with the same values resumes, others are refused.
 
-Subject model: mwp1(x) = GM(x + u(x)) * det(I + grad u(x)) * TIV/{tiv_ref:.0f}, then site intensity scale,
+Subject model: mwp1(x) = GM(x + u(x)) * det(I + grad u(x)) * TIV/{tiv_ref:.0f} (* exp(severity * log density
+loss) for a density effect), then site intensity scale,
 bias field, Gaussian smoothing and noise. `wj_<id>.nii.gz` is det(I + grad u) * TIV/{tiv_ref:.0f}.
 u = sum over effects of score * grad(phi), phi a sum of Gaussian potentials.
 """
@@ -517,8 +640,9 @@ def synthesize(
 
     rng_sites = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
     rng_subj = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
+    rng_extra = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(5,)))
     sites = _sites_table(p, rng_sites)
-    subjects = _subjects_table(p, sites, rng_subj)
+    subjects = _subjects_table(p, sites, rng_subj, rng_extra)
     log.info(
         "synthesizing %d subjects (%d SZ) at %d sites on a %s grid at %g mm into %s",
         len(subjects), sum(p.site_patients), len(sites), anatomy.cat12_grid(p.voxel_mm)[0], p.voxel_mm, out,
@@ -550,13 +674,14 @@ def synthesize(
         bar.close()
         _WORK.clear()
 
+    specific_cols = ["specific_severity"] if p.n_specific == 1 else [f"specific_{k + 1}" for k in range(p.n_specific)]
     write_tsv(
         gt / "scores.tsv",
-        ["participant_id", "site", "diagnosis", "specific_severity"]
+        ["participant_id", "site", "diagnosis", *specific_cols]
         + [f"common_{k + 1}" for k in range(p.n_common)]
         + ["age_score", "tiv_ml", "iqr", "poor_quality", "panss_total"],
         [
-            [s["participant_id"], s["site"], s["diagnosis"], s["specific_severity"], *s["common"],
+            [s["participant_id"], s["site"], s["diagnosis"], *s["specific"], *s["common"],
              round(age_score(s["age"]), 5), s["tiv_ml"], s["iqr"], int(s["poor_quality"]), s["panss_total"]]
             for s in subjects
         ],
@@ -570,18 +695,33 @@ def synthesize(
 def _write_ground_truth(gt: Path, f: Fields, p: Preset, sites: list[dict[str, Any]]) -> None:
     """Write the planted effect maps, the regions mask, site parameters and the README."""
     gt.mkdir(parents=True, exist_ok=True)
-    save_nifti(gt / "specific_effect.nii.gz", f.specific.log_jacobian(1.0), f.affine)
-    save_nifti(gt / "specific_regions.nii.gz", anatomy.region_mask(anatomy.SZ_REGIONS, f.xyz).astype(np.uint8), f.affine)
+    effects = [b.log_effect(1.0) for b in f.specific]
+    save_nifti(gt / "specific_effect.nii.gz", np.sum(effects, axis=0), f.affine)
+    if len(effects) > 1:
+        for k, e in enumerate(effects):
+            save_nifti(gt / f"specific_effect_{k + 1}.nii.gz", e, f.affine)
+    blobs = [b for g in f.specific_blobs for b in g]
+    save_nifti(gt / "specific_regions.nii.gz", anatomy.region_mask(tuple(blobs), f.xyz).astype(np.uint8), f.affine)
     save_nifti(gt / "age_effect.nii.gz", f.age.log_jacobian(1.0), f.affine)
     for k, b in enumerate(f.common):
         save_nifti(gt / f"common_{k + 1}.nii.gz", b.log_jacobian(1.0), f.affine)
     save_nifti(gt / "base_gm.nii.gz", f.base, f.affine)
     cols = list(sites[0])
     write_tsv(gt / "sites.tsv", cols, [[round(s[c], 5) if isinstance(s[c], float) else s[c] for c in cols] for s in sites])
-    regions = ", ".join(f"{b.name} ({b.center[0]:g}, {b.center[1]:g}, {b.center[2]:g}; sigma {b.sigma:g} mm)" for b in anatomy.SZ_REGIONS)
+    regions = "; ".join(
+        (f"factor {k + 1}: " if len(f.specific_blobs) > 1 else "")
+        + ", ".join(f"{b.name} ({b.center[0]:g}, {b.center[1]:g}, {b.center[2]:g}; sigma {b.sigma:.3g} mm)" for b in g)
+        for k, g in enumerate(f.specific_blobs))
+    if p.specific_kind == "shape":
+        effect = "the log Jacobian determinant of the planted deformation"
+        core = "where the atrophy is at least 40 % of its peak; it fades to zero at sqrt(3) sigma"
+    else:
+        effect = "the log of the planted grey-matter density ratio (a loss in place, no displacement)"
+        core = "where the density loss is at least 61 % of its peak"
     atomic_write_text(
         gt / "README.md",
-        GT_README.format(regions=regions, gm_ml=anatomy.BASE_GM_ML, tiv_ref=anatomy.REFERENCE_TIV_ML),
+        GT_README.format(regions=regions, effect=effect, core=core, gm_ml=anatomy.BASE_GM_ML,
+                         tiv_ref=anatomy.REFERENCE_TIV_ML),
     )
 
 
@@ -604,6 +744,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--specific-log-j", type=float, default=None,
                     help="log Jacobian at the centre of each SZ region at unit severity (default -0.15)")
     ap.add_argument("--poor-quality-fraction", type=float, default=None, help="share of low-IQR subjects (default 0.05)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
+                    help="any preset field, value parsed as JSON, e.g. --set specific_kind='\"density\"' or "
+                    "--set n_specific=2 (repeatable; see docs/data.md for the fields)")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -618,6 +761,15 @@ def main(argv: list[str] | None = None) -> int:
         overrides["specific_log_j"] = args.specific_log_j
     if args.poor_quality_fraction is not None:
         overrides["poor_quality_fraction"] = args.poor_quality_fraction
+    for item in args.sets:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            log.error("--set %r: expected FIELD=VALUE", item)
+            return 2
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw  # a bare word such as density
     try:
         synthesize(args.out, args.preset, args.seed, args.voxel_mm, args.jobs, progress=not args.no_progress, **overrides)
     except (ValueError, FileNotFoundError, OSError) as exc:
