@@ -402,6 +402,14 @@ def loso_split(store: Store, fold: int, val_fraction: float = 0.15, seed: int = 
 # ---------------------------------------------------------------------------------------------
 
 
+def grid_voxel_mm(store: Store, grid: Sequence[int]) -> float:
+    """Mean voxel size (mm) of ``grid`` spanning the store's field of view (the store's own when equal)."""
+    from nibabel.affines import voxel_sizes
+
+    vox = np.asarray(voxel_sizes(store.affine), float)
+    return float(np.mean(vox * np.asarray(store.grid_shape, float) / np.asarray(grid, float)))
+
+
 def resample_volume(vol, grid: Sequence[int]):
     """Trilinearly resample a volume to ``grid`` (corners aligned to the voxel grid's extent).
 

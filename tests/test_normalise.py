@@ -1,0 +1,125 @@
+"""dist_decode.normalise: statistics against a direct numpy/scipy computation, the torch transform, the run file."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from nibabel.affines import voxel_sizes
+from scipy import ndimage
+
+from dist_decode import normalise
+from dist_decode.data import Store
+from dist_decode.normalise import Normaliser, NormaliseSettings, gaussian_kernels, smooth
+
+
+def _reference(store: Store, fwhm: float) -> dict:
+    """The four steps done by hand with scipy, volume by volume."""
+    vox = voxel_sizes(store.affine)
+    sigma = [fwhm / (2 * np.sqrt(2 * np.log(2))) / v for v in vox]
+    tiv = np.asarray(store.phenotypes["tiv_ml"], float)
+    ref = np.median(tiv)
+    vols = np.stack([ndimage.gaussian_filter(store.read(i).astype(np.float64), sigma, mode="constant", truncate=4.0)
+                     * ref / tiv[i] for i in range(store.n)])
+    sites = list(store.sites)
+    site = np.array([sites.index(s) for s in store.site_of])
+    mask = store.mask
+    totals = vols[:, mask].sum(1)
+    site_tot = np.array([totals[site == k].mean() for k in range(len(sites))])
+    gain = site_tot / site_tot.mean()
+    vols /= gain[site][:, None, None, None]
+    means = np.stack([vols[site == k].mean(0) for k in range(len(sites))])
+    centred = vols - means[site]
+    scale = np.sqrt((centred[:, mask] ** 2).mean())
+    return {"vols": vols, "means": means, "gain": gain, "scale": scale, "z": centred / scale, "site": site}
+
+
+def test_statistics_match_a_direct_computation(tiny_store):
+    store = Store.open(tiny_store)
+    norm = Normaliser.compute(store, NormaliseSettings(smooth_fwhm_mm=10.0), progress=False)
+    ref = _reference(store, 10.0)
+    assert norm.sites == list(store.sites)
+    np.testing.assert_allclose(norm.site_gain, ref["gain"], rtol=1e-6)
+    np.testing.assert_allclose(norm.site_mean, ref["means"], atol=1e-6)
+    assert norm.scale == pytest.approx(ref["scale"], rel=1e-6)
+    # the torch transform of raw volumes is the same normalisation
+    z = norm.transform()(torch.from_numpy(np.stack([store.read(i) for i in range(store.n)]))[:, None],
+                         torch.from_numpy(norm.factor), torch.from_numpy(norm.site_index))[:, 0].numpy()
+    np.testing.assert_allclose(z, ref["z"], rtol=1e-4, atol=2e-5)  # float32 convolutions
+    mask = store.mask
+    for k in range(len(norm.sites)):  # every site is centred on its own mean: no site offset left
+        assert np.abs(z[ref["site"] == k][:, mask].mean(0)).max() < 1e-4
+    assert z[:, mask].std() == pytest.approx(1.0, rel=1e-3)
+    # and back to density units of the subject's site
+    for i in (0, store.n - 1):
+        np.testing.assert_allclose(norm.density(z[i], int(norm.site_index[i])), ref["vols"][i] * ref["gain"][ref["site"][i]],
+                                   atol=1e-5)
+
+
+def test_gain_removes_a_scanner_scale_and_tiv_scaling_removes_head_size(tiny_store):
+    store = Store.open(tiny_store)
+    settings = NormaliseSettings(smooth_fwhm_mm=0.0)
+    norm = Normaliser.compute(store, settings, progress=False)
+    tiv = np.asarray(store.phenotypes["tiv_ml"], float)
+    np.testing.assert_allclose(norm.factor * norm.site_gain[norm.site_index], np.median(tiv) / tiv)
+    # doubling every volume of one site changes that site's gain, and nothing the model sees
+    z1 = norm.transform()(torch.from_numpy(store.read(0))[None, None], torch.tensor([norm.factor[0]]),
+                          torch.tensor([norm.site_index[0]]))
+    k = int(norm.site_index[0])
+    doubled = Normaliser(settings, norm.sites, norm.site_mean * 1.0, norm.site_gain.copy(), norm.reference,
+                         norm.scale, norm.participant_id, norm.factor / 2, norm.site_index, norm.voxel_mm,
+                         norm.store_hash)
+    z2 = doubled.transform()(torch.from_numpy(2 * store.read(0))[None, None], torch.tensor([doubled.factor[0]]),
+                             torch.tensor([k]))
+    torch.testing.assert_close(z1, z2)
+
+
+def test_smoothing_kernel_matches_scipy():
+    rng = np.random.default_rng(0)
+    vol = rng.random((15, 17, 13)).astype(np.float32)
+    for fwhm, vox in ((8.0, (3.0, 3.0, 3.0)), (6.0, (1.5, 2.0, 2.5))):
+        sigma = [fwhm / (2 * np.sqrt(2 * np.log(2))) / v for v in vox]
+        want = ndimage.gaussian_filter(vol.astype(np.float64), sigma, mode="constant", truncate=4.0)
+        got = smooth(torch.from_numpy(vol)[None, None], gaussian_kernels(fwhm, vox))[0, 0].numpy()
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_run_file_is_computed_once_and_bound_to_store_and_settings(tiny_store, tmp_path):
+    store = Store.open(tiny_store)
+    settings = NormaliseSettings(smooth_fwhm_mm=6.0)
+    a = normalise.ensure(tmp_path, store, settings, progress=False)
+    stamp = (tmp_path / normalise.FILE).stat().st_mtime_ns
+    b = normalise.ensure(tmp_path, store, settings, progress=False)
+    assert (tmp_path / normalise.FILE).stat().st_mtime_ns == stamp  # read, not recomputed
+    np.testing.assert_array_equal(a.site_mean, b.site_mean)
+    assert a.scale == b.scale and list(a.participant_id) == list(store.participant_ids)
+    with pytest.raises(ValueError, match="computed with"):
+        normalise.ensure(tmp_path, store, NormaliseSettings(smooth_fwhm_mm=4.0), progress=False)
+    other = tmp_path / "other_store"
+    shutil.copytree(tiny_store, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["created"] = "another day"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="another store"):
+        normalise.ensure(tmp_path, Store.open(other), settings, progress=False)
+
+
+def test_missing_tiv_is_named(tiny_store):
+    store = Store.open(tiny_store)
+    store.phenotypes["tiv_ml"][3] = np.nan
+    pid = store.participant_ids[3]
+    with pytest.raises(ValueError, match=f"no TIV.*{pid}.*proportional_scaling"):
+        Normaliser.compute(store, NormaliseSettings(), progress=False)
+    # total grey matter needs no TIV
+    norm = Normaliser.compute(store, NormaliseSettings(proportional_scaling="gm", smooth_fwhm_mm=0.0), progress=False)
+    assert np.isfinite(norm.factor).all()
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="proportional_scaling"):
+        NormaliseSettings(proportional_scaling="icv").validate()
+    with pytest.raises(ValueError, match="smooth_fwhm_mm"):
+        NormaliseSettings(smooth_fwhm_mm=-1).validate()
+    assert not NormaliseSettings("none", 0.0, False, False).active
