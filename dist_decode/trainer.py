@@ -14,9 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from dist_decode import normalise
 from dist_decode.config import RunConfig
+from dist_decode.data import grid_voxel_mm as data_voxel_mm
 from dist_decode.fold import FoldPlan, write_run_files
 from dist_decode.fsutil import atomic_path, atomic_write_json
+from dist_decode.model.loss import eigen_noise_variance, mask_index
+from dist_decode.normalise import NormaliseSettings
 
 log = logging.getLogger("dist_decode.train")
 
@@ -127,8 +131,21 @@ class FoldTrainer:
         self.store = Store.open(plan.store_path)
         self.grid = model_grid(cfg, self.store.grid_shape)
         self.resample = None if tuple(self.grid) == tuple(self.store.grid_shape) else tuple(self.grid)
+        self.voxel_mm = data_voxel_mm(self.store, self.grid)
         self.mask = self._mask()
-        scale = cfg.model.input_scale or self._estimate_scale()
+        self.mask_index = mask_index(self.mask)
+        settings = NormaliseSettings.from_config(cfg.data)
+        self.transform = None
+        if settings.active:
+            if cfg.model.name == "anchor2022":
+                raise ValueError("model anchor2022 reads raw volumes scaled to [0, 1] (its sigmoid output): set "
+                                 "data.proportional_scaling='none', data.smooth_fwhm_mm=0, data.site_gain=false "
+                                 "and data.site_center=false")
+            self.normaliser = normalise.ensure(self.run_dir, self.store, settings, progress=self.rank == 0)
+            self.transform = self.normaliser.transform(self.resample).to(self.device)
+        self.cache = self._build_cache()
+        scale = 1.0 if self.transform is not None else (cfg.model.input_scale or self._estimate_scale())
+        self.noise_var = self._noise_var() if cfg.loss.noise == "eigen" and self.kind == "decode_sz" else None
 
         if self.rank == 0:
             plan.fold_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +155,7 @@ class FoldTrainer:
             atomic_write_json(plan.fold_dir / "deepspeed.json", self.ds_config)
 
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg, self.grid, scale)
+        model = build_model(cfg, self.grid, scale, self.mask.cpu(), self.voxel_mm)
         self.disc = build_discriminator(cfg)
         self.n_parameters = count_parameters(model) + (count_parameters(self.disc) if self.disc else 0)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -154,10 +171,13 @@ class FoldTrainer:
             self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=cfg.loss.disc_lr, betas=(0.5, 0.9))
         log.info(
             "fold %d (%s): model %s on grid %s, %s parameters%s; %d train / %d val / %d test subjects; "
-            "world size %d (%s), %s, ZeRO %d, %d threads/rank, input_scale %.4g",
+            "world size %d (%s), %s, ZeRO %d, %d threads/rank, inputs %s%s",
             plan.fold, plan.site, cfg.model.name, "x".join(map(str, self.grid)), f"{self.n_parameters:,}",
             " (incl. TC discriminator)" if self.disc else "", len(plan.train), len(plan.val), len(plan.test),
-            self.world, self.env.launcher, self.precision, cfg.train.zero_stage, self.threads, scale,
+            self.world, self.env.launcher, self.precision, cfg.train.zero_stage, self.threads,
+            "normalised" + (" (cached in memory)" if self.cache is not None else "") if self.transform is not None
+            else f"raw (input_scale {scale:.4g})",
+            f", noise variance {self.noise_var:.4g}" if self.noise_var is not None else "",
         )
 
     def _mask(self):
@@ -188,13 +208,72 @@ class FoldTrainer:
                              f"inside the mask (scale {scale}); set model.input_scale")
         return scale
 
+    def _build_cache(self):
+        """The fold's normalised volumes in memory (train, val, test rows), or None (``data.cache``)."""
+        import torch
+
+        mode = self.cfg.data.cache
+        if mode not in ("auto", "memory", "none"):
+            raise ValueError(f"data.cache {mode!r}: expected 'auto', 'memory' or 'none'")
+        if self.transform is None or mode == "none":
+            return None
+        rows = np.concatenate([self.plan.train, self.plan.val, self.plan.test]).astype(np.int64)
+        nbytes = len(rows) * int(np.prod(self.grid)) * 4
+        if mode == "auto" and nbytes > 2 * 2 ** 30:
+            return None
+        out = torch.empty((len(rows), 1) + tuple(self.grid), dtype=torch.float32, device=self.device)
+        loader = self._loader(rows, batch_size=16)
+        k = 0
+        with torch.no_grad():
+            for batch in loader:
+                x = self.inputs(batch)
+                out[k:k + x.shape[0]] = x
+                k += x.shape[0]
+        return {"rows": rows, "x": out, "position": {int(r): j for j, r in enumerate(rows)}}
+
+    def inputs(self, batch) -> "torch.Tensor":
+        """Model input of a loader batch: normalised on the device (or raw, for unnormalised runs)."""
+        import torch
+
+        x = batch["x"].to(self.device, non_blocking=True)
+        if self.transform is None:
+            return x.float()
+        idx = batch["index"].numpy()
+        factor = torch.from_numpy(self.normaliser.factor[idx]).to(self.device)
+        site = torch.from_numpy(self.normaliser.site_index[idx]).to(self.device)
+        return self.transform(x, factor, site)
+
+    def cached(self, rows: np.ndarray) -> "torch.Tensor":
+        """Normalised volumes of store rows from the cache."""
+        pos = [self.cache["position"][int(r)] for r in rows]
+        return self.cache["x"][pos]
+
+    def _noise_var(self) -> float:
+        """``loss.noise_scale`` x :func:`~dist_decode.model.loss.eigen_noise_variance` of the training volumes
+        (inside the mask; up to 256 evenly spaced training subjects, rescaled to the whole training set)."""
+        import torch
+
+        train = np.sort(self.plan.train)
+        take = train[np.unique(np.linspace(0, len(train) - 1, min(256, len(train))).round().astype(int))]
+        if self.cache is not None:
+            x = self.cached(take)
+        else:
+            x = torch.cat([self.inputs(b) for b in self._loader(take, batch_size=16)])
+        try:
+            level = eigen_noise_variance(x[:, 0][:, self.mask], len(train))
+        except ValueError as exc:
+            raise ValueError(f"fold {self.plan.fold}: {exc}") from exc
+        return float(self.cfg.loss.noise_scale) * level
+
     def _loader(self, indices: np.ndarray, batch_sampler=None, batch_size: int | None = None):
         import torch
 
         from dist_decode.data import VolumeDataset
 
-        # on GPU, float16 stores travel as float16 (half the bytes) and are cast on the device
-        ds = VolumeDataset(self.plan.store_path, indices, grid=self.resample, raw=self.on_gpu)
+        # on GPU, float16 stores travel as float16 (half the bytes) and are cast on the device; normalised runs
+        # resample after normalising (on the device), raw runs in the dataset
+        grid = None if self.transform is not None else self.resample
+        ds = VolumeDataset(self.plan.store_path, indices, grid=grid, raw=self.on_gpu and grid is None)
         nw = self.cfg.data.num_workers
         kw: dict[str, Any] = dict(num_workers=nw, pin_memory=self.on_gpu)
         if nw:
@@ -209,7 +288,7 @@ class FoldTrainer:
 
         if self.kind == "anchor2022":
             return anchor_loss(out, self.cfg.loss)
-        total, terms = decode_sz_loss(out, self.mask, self.cfg.loss, self.disc)
+        total, terms = decode_sz_loss(out, self.mask_index, self.cfg.loss, self.disc, self.noise_var)
         if "q_joint" in out:  # the anchor trained with the DECODE-SZ loss: its own discriminator is unused
             total = total + 0.0 * (out["q_joint"].sum() + out["q_shuffled"].sum())
         return total, terms
@@ -297,21 +376,25 @@ class FoldTrainer:
         is_patient = np.asarray(self.store.is_patient, dtype=bool)[plan.train]
         sampler = BalancedBatchSampler(is_patient, t.batch_size, cfg.seed, self.rank, self.world,
                                        start_step=start, steps=max(0, t.steps - start))
-        loader = self._loader(plan.train, batch_sampler=sampler)
         control_s = self.kind == "decode_sz" and cfg.loss.control_s_weight > 0
         sleep_s = float(os.environ.get("DIST_DECODE_STEP_SLEEP", "0") or 0)  # test hook: widens signal windows
         val_every = t.val_every or t.checkpoint_every
         step, last_ckpt = start, start
         t_run = self.t_start  # wall time of this segment includes setup and loading
         with StopFlag() as stop:
-            it = iter(loader)
+            it = None if self.cache is not None else iter(self._loader(plan.train, batch_sampler=sampler))
             bar = tqdm(total=t.steps, initial=start, desc=f"fold {plan.fold} {plan.site}", unit="step",
                        disable=self.rank != 0, mininterval=2, dynamic_ncols=True)
             while step < t.steps:
                 t0 = time.perf_counter()
-                batch = next(it)
-                x = batch["x"].to(self.device, self.dtype, non_blocking=True)
-                patient = batch["patient"].to(self.device).bool()
+                if it is None:  # the same positions the loader would yield for this step
+                    pos = np.asarray(sampler.batch(step), dtype=np.int64)
+                    x = self.cached(plan.train[pos]).to(self.dtype)
+                    patient = torch.from_numpy(is_patient[pos]).to(self.device)
+                else:
+                    batch = next(it)
+                    x = self.inputs(batch).to(self.dtype)
+                    patient = batch["patient"].to(self.device).bool()
                 t_data = time.perf_counter() - t0
                 gen = torch.Generator(device=self.device).manual_seed(step_seed(cfg.seed, step, self.rank))
                 self.engine.train()
@@ -388,9 +471,8 @@ class FoldTrainer:
         n_local = 0
         with torch.no_grad():
             if len(mine):
-                for b, batch in enumerate(self._loader(mine, batch_size=self.cfg.train.batch_size)):
-                    x = batch["x"].to(self.device, self.dtype)
-                    patient = batch["patient"].to(self.device).bool()
+                for b, (x, patient) in enumerate(self._batches(mine, self.cfg.train.batch_size)):
+                    x = x.to(self.dtype)
                     gen = torch.Generator(device=self.device).manual_seed(
                         step_seed(self.cfg.seed, b, self.rank, stream=1))
                     out = self.engine(x, patient, generator=gen, control_s=self.kind == "decode_sz"
@@ -413,11 +495,24 @@ class FoldTrainer:
             log.info("fold %d step %d validation loss %.5g (n=%d)", self.plan.fold, step, rec.get("total", float("nan")),
                      rec["n"])
 
+    def _batches(self, rows: np.ndarray, batch_size: int):
+        """``(model input, patient flags)`` of ``rows`` in order, from the cache or the store."""
+        import torch
+
+        if self.cache is not None:
+            flags = np.asarray(self.store.is_patient, dtype=bool)
+            for k in range(0, len(rows), batch_size):
+                r = rows[k:k + batch_size]
+                yield self.cached(r), torch.from_numpy(flags[r]).to(self.device)
+            return
+        for batch in self._loader(rows, batch_size=batch_size):
+            yield self.inputs(batch), batch["patient"].to(self.device).bool()
+
     def _term_names(self) -> list[str]:
         if self.kind == "anchor2022":
             return ["disc", "kl", "recon", "tc", "total"]
-        return ["control_s", "kl_c_controls", "kl_c_patients", "kl_s_patients", "recon", "recon_controls",
-                "recon_patients", "tc", "total"]
+        return ["control_s", "kl_c_controls", "kl_c_patients", "kl_s_patients", "match_c", "recon",
+                "recon_controls", "recon_patients", "tc", "total"]
 
     def _finish(self, wall: float) -> None:
         """model_final.pt, features.h5 and DONE (rank 0), in that order."""
@@ -432,24 +527,30 @@ class FoldTrainer:
         if self.rank == 0:
             state = self._final_state_dict()
             blob = {"config": cfg.to_dict(), "state_dict": state, "grid": list(self.grid),
-                    "model": cfg.model.name, "n_parameters": self.n_parameters, "steps": cfg.train.steps,
+                    "voxel_mm": self.voxel_mm, "model": cfg.model.name, "n_parameters": self.n_parameters,
+                    "steps": cfg.train.steps, "noise_var": self.noise_var, "normalised": self.transform is not None,
                     "discriminator": self.disc.state_dict() if self.disc is not None else None}
             with atomic_path(plan.fold_dir / "model_final.pt") as tmp:
                 torch.save(blob, tmp)
             # features with a fresh fp32 copy: exactly what load_fold_model gives the analysis stages
-            model = build_model(cfg, self.grid)
+            model = build_model(cfg, self.grid, mask=self.mask.cpu(), voxel_mm=self.voxel_mm)
             model.load_state_dict(state)
             model = model.float().eval().to(self.device)
             rows = np.concatenate([np.sort(plan.train), np.sort(plan.val), np.sort(plan.test)]).astype(np.int64)
             split = np.array(["train"] * len(plan.train) + ["val"] * len(plan.val) + ["test"] * len(plan.test))
             meta = {"index": rows, "split": split, **self._subject_meta(rows)}
-            loader = self._loader(rows, batch_size=max(1, cfg.train.batch_size))
-            extract_features(model, loader, meta, self.mask, cfg.train.feature_samples, cfg.seed,
+            bs = max(1, cfg.train.batch_size)
+            batches = ((x, p, torch.from_numpy(rows[k * bs:(k + 1) * bs]))
+                       for k, (x, p) in enumerate(self._batches(rows, bs)))
+            extract_features(model, batches, meta, self.mask, cfg.train.feature_samples, cfg.seed,
                              plan.fold_dir / "features.h5",
                              {"fold": plan.fold, "site": plan.site, "model": cfg.model.name,
                               "n_parameters": self.n_parameters, "grid": list(self.grid),
-                              "seed": cfg.seed, "steps": cfg.train.steps}, self.device)
+                              "seed": cfg.seed, "steps": cfg.train.steps,
+                              "noise_var": self.noise_var if self.noise_var is not None else float("nan")},
+                             self.device)
             done = {"steps": cfg.train.steps, "wall_s": round(wall, 3), "n_parameters": self.n_parameters,
+                    "noise_var": self.noise_var,
                     "model": cfg.model.name, "world_size": self.world, "fold": plan.fold, "site": plan.site,
                     "precision": self.precision, "zero_stage": cfg.train.zero_stage,
                     "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

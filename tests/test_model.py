@@ -30,8 +30,8 @@ TINY = dict(channels=(4, 8, 8), bottleneck=4, hidden=32, groups=4)
 def test_default_model_within_budget_at_full_grid():
     cfg = RunConfig()
     model = build_model(cfg, FULL_GRID)
-    disc = build_discriminator(cfg)
-    n = count_parameters(model) + count_parameters(disc)
+    assert build_discriminator(cfg) is None  # the TC term is off by default (docs/science.md)
+    n = count_parameters(model) + count_parameters(TCDiscriminator(32, cfg.model.discriminator_hidden))
     print(f"DECODE-SZ default at {FULL_GRID}: {n:,} parameters ({n / ANCHOR_N_PARAMETERS:.2%} of the anchor)")
     assert DECODE_SZ_BUDGET == 10_121_737
     assert n <= DECODE_SZ_BUDGET
@@ -119,7 +119,7 @@ def test_controls_specific_code_never_reaches_the_decoder():
     g = torch.autograd.grad(rec_ctl, [out["s_ctl_mu"], out["s_ctl_logvar"]], allow_unused=True, retain_graph=True)
     assert all(v is None or torch.count_nonzero(v) == 0 for v in g)
     # ... while the pull-to-zero term does act on it (the option works)
-    total, terms = decode_sz_loss(out, mask, cfg.loss, disc)
+    total, terms = decode_sz_loss(out, mask, cfg.loss, disc, noise_var=1.0)
     g_total = torch.autograd.grad(total, out["s_ctl_mu"], retain_graph=True)[0]
     assert torch.count_nonzero(g_total) > 0 and float(terms["control_s"]) > 0
     # changing the S encoder changes the patients' reconstructions but not the controls'
@@ -137,18 +137,25 @@ def test_controls_specific_code_never_reaches_the_decoder():
 
 def test_decode_sz_loss_terms_and_weights():
     cfg, m, x, patient, mask = _tiny_setup(control_s_weight=0.0)
+    cfg = override(cfg, ["loss.gamma_tc=10"])
     disc = TCDiscriminator(11)
     out = m(x, patient, torch.Generator().manual_seed(4), control_s=False)
-    total, t = decode_sz_loss(out, mask, cfg.loss, disc)
+    total, t = decode_sz_loss(out, mask, cfg.loss, disc, noise_var=0.25)
+    n = x.shape[0]
     expect = t["recon"] + cfg.loss.beta * (t["kl_c_patients"] + t["kl_s_patients"] + t["kl_c_controls"]) \
-        + cfg.loss.gamma_tc * t["tc"]
+        + cfg.loss.gamma_tc * t["tc"] + cfg.loss.match_weight * n * t["match_c"]
     assert torch.allclose(total.detach(), expect, rtol=1e-5)
-    assert float(t["control_s"]) == 0.0
+    assert float(t["control_s"]) == 0.0 and float(t["tc"]) != 0.0 and float(t["match_c"]) != 0.0
+    # the Gaussian likelihood: half the masked squared error over the noise variance, per subject
+    se = ((out["x_hat"] - out["x"]) ** 2)[:, :, mask].sum() / n
+    assert torch.allclose(t["recon"], 0.5 * se.detach() / 0.25, rtol=1e-5)
     # reconstruction counts only mask voxels: changing voxels outside the mask changes nothing
     x2 = out["x"].clone()
     x2[:, :, ~mask] += 5.0
     out2 = dict(out, x=x2)
-    assert torch.allclose(decode_sz_loss(out2, mask, cfg.loss, disc)[1]["recon"], t["recon"])
+    assert torch.allclose(decode_sz_loss(out2, mask, cfg.loss, disc, 0.25)[1]["recon"], t["recon"])
+    with pytest.raises(ValueError, match="noise variance"):
+        decode_sz_loss(out, mask, cfg.loss, disc)
     total.backward()
     assert all(p.grad is None for p in disc.parameters())  # the VAE loss never trains the discriminator
     assert m.common.head.mu.weight.grad is not None and m.specific.head.mu.weight.grad is not None
@@ -203,7 +210,7 @@ def test_anchor_loss_matches_the_published_formula():
 
 def test_unknown_model_and_loss_are_clear_errors():
     with pytest.raises(ValueError, match="model.name"):
-        build_model(override(RunConfig(), ["model.name=vae"]), (8, 8, 8))
+        build_model(override(RunConfig(), ["model.name=nope"]), (8, 8, 8))
     with pytest.raises(ValueError, match="anchor2022 runs at"):
         build_model(override(RunConfig(), ["model.name=anchor2022"]), (29, 35, 29))
     with pytest.raises(ValueError, match="needs model.name 'anchor2022'"):

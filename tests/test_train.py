@@ -17,6 +17,7 @@ import torch
 
 from dist_decode.config import RunConfig, override
 from dist_decode.distributed import StopFlag, first_host, free_port, setup_env
+from dist_decode.normalise import model_inputs
 from dist_decode.train import deepspeed_config, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ FOLD = 1  # holds out the tiny store's second site
 # tiny model and few steps: a 2-rank fold takes a few seconds plus imports
 ARGS = ["--fold", str(FOLD), "--steps", "8", "--set", "train.batch_size=2", "--set", "model.channels=[8,16,16]",
         "--set", "model.hidden=32", "--set", "train.checkpoint_every=4", "--set", "train.log_every=4",
-        "--set", "train.feature_samples=3", "--precision", "fp32", "--seed", "7"]
+        "--set", "train.feature_samples=3", "--set", "loss.gamma_tc=10", "--precision", "fp32", "--seed", "7"]
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE")
 
 
@@ -128,7 +129,8 @@ def test_two_rank_deepspeed_fold_writes_every_output(reference_run: Path, tiny_s
     model, cfg2 = load_fold_model(fold_dir)
     assert isinstance(model, DecodeSZ) and not model.training and cfg2 == cfg
     assert model.grid == store.grid_shape
-    x = torch.from_numpy(np.stack([store.read(int(i)) for i in rows[:3]]))[:, None]
+    x = model_inputs(reference_run, store, cfg, rows[:3])  # normalised with the run's normalisation.h5
+    assert (reference_run / "normalisation.h5").is_file()
     with torch.no_grad():
         mu, _ = model.encode_common(x)
         twin = model.decode(mu, torch.zeros(3, cfg.model.latent_specific))

@@ -1,4 +1,4 @@
-"""Models of dist-decode: the DECODE-SZ contrastive VAE and the 2022 anchor.
+"""Models of dist-decode: the DECODE-SZ contrastive VAE, the plain VAE baseline and the 2022 anchor.
 
 Both share one interface used by the trainer and the analysis stages:
 
@@ -21,13 +21,14 @@ from torch import nn
 
 from dist_decode.model.anchor2022 import ANCHOR_GRID, ANCHOR_N_PARAMETERS, AnchorCVAE2022
 from dist_decode.model.blocks import count_parameters
-from dist_decode.model.decode_sz import DecodeSZ
-from dist_decode.model.loss import TCDiscriminator, anchor_loss, decode_sz_loss, discriminator_loss
+from dist_decode.model.decode_sz import DecodeSZ, encoder_grid
+from dist_decode.model.loss import TCDiscriminator, anchor_loss, decode_sz_loss, discriminator_loss, mmd_unbiased
+from dist_decode.model.vae import PlainVAE
 
 __all__ = [
-    "ANCHOR_GRID", "ANCHOR_N_PARAMETERS", "AnchorCVAE2022", "DecodeSZ", "TCDiscriminator",
+    "ANCHOR_GRID", "ANCHOR_N_PARAMETERS", "AnchorCVAE2022", "DecodeSZ", "PlainVAE", "TCDiscriminator",
     "anchor_loss", "build_model", "build_discriminator", "count_parameters", "decode_sz_loss",
-    "discriminator_loss", "load_fold_model", "loss_kind", "model_grid", "DECODE_SZ_BUDGET",
+    "discriminator_loss", "load_fold_model", "loss_kind", "mmd_unbiased", "model_grid", "DECODE_SZ_BUDGET",
 ]
 
 #: Parameter budget of the default DECODE-SZ model at the full CAT12 grid: 5 % of the anchor.
@@ -41,8 +42,21 @@ def model_grid(cfg, store_grid: Sequence[int]) -> tuple[int, int, int]:
     return tuple(int(g) for g in (cfg.data.grid or store_grid))  # type: ignore[return-value]
 
 
-def build_model(cfg, grid: Sequence[int], input_scale: float = 1.0) -> nn.Module:
+def build_model(cfg, grid: Sequence[int], input_scale: float = 1.0, mask: torch.Tensor | None = None,
+                voxel_mm: float | None = None) -> nn.Module:
     """Build the model named by ``cfg.model.name`` for ``grid``.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+    grid : tuple of int
+        The data grid the model reads and writes.
+    input_scale : float
+        Store units per network unit (1 for normalised inputs).
+    mask : bool Tensor, optional
+        Brain mask of ``grid`` (the dense decoder predicts these voxels).
+    voxel_mm : float, optional
+        Voxel size of ``grid`` (for ``model.encoder_voxel_mm``).
 
     Raises
     ------
@@ -50,16 +64,20 @@ def build_model(cfg, grid: Sequence[int], input_scale: float = 1.0) -> nn.Module
         For an unknown model name or a grid the anchor does not support.
     """
     m = cfg.model
+    enc_grid = encoder_grid(grid, voxel_mm or 0.0, m.encoder_voxel_mm)
     if m.name == "decode_sz":
         return DecodeSZ(
             grid, m.latent_common, m.latent_specific, m.channels, m.bottleneck, m.hidden, m.norm_groups,
-            m.output, input_scale,
+            m.output, input_scale, m.encoder, enc_grid, m.decoder, m.decoder_activation, m.route, mask,
         )
+    if m.name == "vae":
+        return PlainVAE(grid, m.latent_common + m.latent_specific, m.channels, m.bottleneck, m.hidden,
+                        m.norm_groups, input_scale, m.encoder, enc_grid, m.decoder, m.decoder_activation, mask)
     if m.name == "anchor2022":
         if tuple(grid) != ANCHOR_GRID:
             raise ValueError(f"model anchor2022 runs at {ANCHOR_GRID}, not {tuple(grid)} (set data.grid=[64,64,64])")
         return AnchorCVAE2022(m.latent_common, m.latent_specific, input_scale)
-    raise ValueError(f"model.name {m.name!r}: expected 'decode_sz' or 'anchor2022'")
+    raise ValueError(f"model.name {m.name!r}: expected 'decode_sz', 'vae' or 'anchor2022'")
 
 
 def loss_kind(cfg) -> str:
@@ -76,7 +94,7 @@ def loss_kind(cfg) -> str:
 
 def build_discriminator(cfg) -> TCDiscriminator | None:
     """The separate TC discriminator of the DECODE-SZ loss (``None`` for the published anchor loss)."""
-    if loss_kind(cfg) != "decode_sz" or not cfg.loss.gamma_tc:
+    if loss_kind(cfg) != "decode_sz" or not cfg.loss.gamma_tc or cfg.model.name == "vae":
         return None
     return TCDiscriminator(cfg.model.latent_common + cfg.model.latent_specific, cfg.model.discriminator_hidden)
 
@@ -101,6 +119,7 @@ def load_fold_model(fold_dir: str | os.PathLike):
         raise FileNotFoundError(f"{path}: no final model (is the fold trained? its DONE file marks completion)")
     blob = torch.load(path, map_location="cpu", weights_only=False)
     cfg = RunConfig.from_dict(blob["config"])
-    model = build_model(cfg, blob["grid"])
-    model.load_state_dict(blob["state_dict"])
+    state = blob["state_dict"]
+    model = build_model(cfg, blob["grid"], mask=state.get("mask"), voxel_mm=blob.get("voxel_mm"))
+    model.load_state_dict(state)
     return model.float().eval(), cfg

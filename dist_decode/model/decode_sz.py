@@ -1,14 +1,18 @@
-"""DECODE-SZ: a contrastive VAE with a common (C) and a specific (S) 3D-CNN encoder and one decoder.
+"""DECODE-SZ: a contrastive VAE with a common (C) and a specific (S) 3D-CNN encoder and a shared decoder.
 
-* C encodes every subject, S encodes patients (and controls only for the optional pull-to-zero term).
-* The decoder receives ``[c, s]`` for patients and ``[c, 0]`` for controls; the zeros are built
-  here, so a control's S-encoder output can never reach the decoder.
-* The network works on any grid: inputs are zero-padded to a multiple of ``2**len(channels)`` and
-  outputs cropped back. A 1x1x1 convolution narrows the last feature map to ``bottleneck`` channels
-  before the dense head; this keeps the full-grid model at ~2.7 M parameters (the 2022 anchor
-  spends 99.7 % of its 202 M parameters in flatten<->dense layers).
-* Volumes enter and leave in the store's units (mwp1 grey-matter density); ``input_scale`` (a
-  buffer, part of the state dict) maps them to ~[0, 1] inside the network.
+* C encodes every subject, S encodes patients (and controls only for the pull-to-zero term).
+* Controls are decoded from ``[c, 0]``, patients from ``[c, s]``; the zeros are built here, so a control's
+  S-encoder output can never reach the decoder.
+* ``route="additive"`` (default): ``decode(c, s) = common(c) + salient(s)``, where the salient branch has no bias
+  anywhere, so ``salient(0) == 0`` exactly: ``decode(c, 0)`` *is* the healthy twin and ``salient(s)`` is the
+  subject's schizophrenia-specific map. ``route="joint"`` is one decoder of ``[c, s]`` (the 2022 design).
+* ``encoder="linear"`` (default): strided convolutions without normalisation or activation. A linear S encoder
+  that maps every control to ~0 (the control-S penalty) must ignore every direction controls vary along, so it
+  cannot carry age or shape factors for patients either (docs/science.md measures this).
+* ``decoder="dense"``: one dense layer from the latents onto every voxel of ``mask`` (3-4 mm grids);
+  ``decoder="conv"``: dense onto the coarsest grid, then x2 upsampling convolutions (the full 1.5 mm grid).
+* The network works on any grid: encoder inputs are zero-padded to a multiple of ``2**len(channels)`` (after an
+  optional resampling to ``encoder_grid``) and conv-decoder outputs cropped back.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dist_decode.model.blocks import (
@@ -30,6 +35,11 @@ from dist_decode.model.blocks import (
     padded_shape,
 )
 
+ENCODERS = ("linear", "nonlinear")
+DECODERS = ("dense", "conv")
+ROUTES = ("additive", "joint")
+ACTIVATIONS = ("linear", "silu")
+
 
 class Encoder3D(nn.Module):
     """Strided 3D-CNN encoder to a diagonal Gaussian posterior.
@@ -43,38 +53,94 @@ class Encoder3D(nn.Module):
     bottleneck : int
         Channels of the last feature map before flattening.
     hidden : int
-        Width of the dense layer.
+        Width of the dense layer (nonlinear encoders only; a linear encoder goes straight to the heads).
     latent : int
         Posterior dimension.
     groups : int
-        GroupNorm groups.
+        GroupNorm groups (nonlinear encoders only).
+    linear : bool
+        No normalisation and no activation: the posterior mean is a linear map of the input.
     """
 
-    def __init__(
-        self, padded: Sequence[int], channels: Sequence[int], bottleneck: int, hidden: int, latent: int, groups: int
-    ) -> None:
+    def __init__(self, padded: Sequence[int], channels: Sequence[int], bottleneck: int, hidden: int, latent: int,
+                 groups: int, linear: bool = False) -> None:
         super().__init__()
-        stages, c_in = [], 1
+        stages: list[nn.Module] = []
+        c_in = 1
         for c in channels:
-            stages.append(ConvBlock(c_in, c, stride=2, groups=groups))
+            stages.append(nn.Conv3d(c_in, c, 3, stride=2, padding=1) if linear else ConvBlock(c_in, c, 2, groups))
             c_in = c
-        stages += [nn.Conv3d(c_in, bottleneck, 1), group_norm(bottleneck, groups), nn.SiLU()]
+        stages.append(nn.Conv3d(c_in, bottleneck, 1))
+        if not linear:
+            stages += [group_norm(bottleneck, groups), nn.SiLU()]
         self.features = nn.Sequential(*stages)
-        coarse = [p // 2 ** len(channels) for p in padded]
-        self.dense = nn.Sequential(nn.Flatten(), nn.Linear(bottleneck * math.prod(coarse), hidden), nn.SiLU())
-        self.head = GaussianHead(hidden, latent)
+        flat = bottleneck * math.prod(p // 2 ** len(channels) for p in padded)
+        if linear:
+            self.dense: nn.Module = nn.Flatten()
+            self.head = GaussianHead(flat, latent)
+        else:
+            self.dense = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.SiLU())
+            self.head = GaussianHead(hidden, latent)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.head(self.dense(self.features(x)))
 
 
-class Decoder3D(nn.Module):
-    """Dense layer to a coarse feature map, then x2 upsampling stages mirroring the encoder."""
+class DenseDecoder(nn.Module):
+    """One dense layer from the latents onto the ``mask`` voxels of the grid (zero elsewhere).
 
-    def __init__(
-        self, padded: Sequence[int], channels: Sequence[int], bottleneck: int, hidden: int, latent: int,
-        groups: int, output: str,
-    ) -> None:
+    With ``bias=False`` the output is exactly 0 at a zero input.
+    """
+
+    def __init__(self, latent: int, mask: torch.Tensor, bias: bool = True) -> None:
+        super().__init__()
+        self.shape = tuple(int(v) for v in mask.shape)
+        self.register_buffer("index", mask.bool().flatten().nonzero().squeeze(1), persistent=False)
+        self.dense = nn.Linear(latent, int(self.index.numel()), bias=bias)
+        nn.init.normal_(self.dense.weight, std=0.01)
+        if bias:
+            nn.init.zeros_(self.dense.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        y = self.dense(z)
+        out = y.new_zeros((z.shape[0], math.prod(self.shape))).index_copy(1, self.index, y)
+        return out.view((z.shape[0], 1) + self.shape)
+
+
+class ConvDecoder(nn.Module):
+    """Dense layers to a coarse feature map, then x2 upsampling convolutions to the padded grid.
+
+    No normalisation layers; with ``bias=False`` and an activation that maps 0 to 0 (``linear``, ``silu``) the
+    output is exactly 0 at a zero input.
+    """
+
+    def __init__(self, padded: Sequence[int], channels: Sequence[int], bottleneck: int, hidden: int, latent: int,
+                 bias: bool = True, activation: str = "linear") -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"model.decoder_activation {activation!r}: expected one of {list(ACTIVATIONS)}")
+        act = (lambda: nn.SiLU()) if activation == "silu" else (lambda: nn.Identity())
+        self.coarse = tuple(p // 2 ** len(channels) for p in padded)
+        self.bottleneck = bottleneck
+        self.dense = nn.Sequential(nn.Linear(latent, hidden, bias=bias), act(),
+                                   nn.Linear(hidden, bottleneck * math.prod(self.coarse), bias=bias), act())
+        rev = list(channels)[::-1]
+        stages: list[nn.Module] = [nn.Conv3d(bottleneck, rev[0], 1, bias=bias), act()]
+        for c_in, c_out in zip(rev, rev[1:] + [max(4, rev[-1] // 2)]):
+            stages += [nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
+                       nn.Conv3d(c_in, c_out, 3, padding=1, bias=bias), act()]
+        stages.append(nn.Conv3d(max(4, rev[-1] // 2), 1, 3, padding=1, bias=bias))
+        self.features = nn.Sequential(*stages)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.features(self.dense(z).view(z.shape[0], self.bottleneck, *self.coarse))
+
+
+class JointDecoder(nn.Module):
+    """The 2022-style decoder of ``[c, s]``: dense to a coarse map, GroupNorm/SiLU upsampling stages."""
+
+    def __init__(self, padded: Sequence[int], channels: Sequence[int], bottleneck: int, hidden: int, latent: int,
+                 groups: int, output: str) -> None:
         super().__init__()
         self.coarse = tuple(p // 2 ** len(channels) for p in padded)
         self.bottleneck = bottleneck
@@ -88,17 +154,21 @@ class Decoder3D(nn.Module):
         last = max(4, rev[-1] // 2)
         stages += [UpBlock(rev[-1], last, groups), nn.Conv3d(last, 1, 3, padding=1)]
         self.features = nn.Sequential(*stages)
-        if output == "softplus":
-            # non-negative like grey-matter density, and unbounded above (modulated values exceed 1)
-            self.act: nn.Module = nn.Softplus()
-        elif output == "linear":
-            self.act = nn.Identity()
-        else:
-            raise ValueError(f"model.output {output!r}: expected 'softplus' or 'linear'")
+        if output not in ("softplus", "linear"):
+            raise ValueError(f"model.output {output!r}: expected 'linear' or 'softplus'")
+        # softplus: non-negative like raw grey-matter density (only without site centring)
+        self.act: nn.Module = nn.Softplus() if output == "softplus" else nn.Identity()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.dense(z).view(z.shape[0], self.bottleneck, *self.coarse)
         return self.act(self.features(h))
+
+
+def encoder_grid(grid: Sequence[int], voxel_mm: float, encoder_voxel_mm: float) -> tuple[int, int, int]:
+    """The encoders' grid: ``grid`` resampled from ``voxel_mm`` to ``encoder_voxel_mm`` (same field of view)."""
+    if not encoder_voxel_mm or not voxel_mm or encoder_voxel_mm <= voxel_mm:
+        return tuple(int(g) for g in grid)  # type: ignore[return-value]
+    return tuple(max(4, int(round(g * voxel_mm / encoder_voxel_mm))) for g in grid)  # type: ignore[return-value]
 
 
 class DecodeSZ(nn.Module):
@@ -111,17 +181,25 @@ class DecodeSZ(nn.Module):
     latent_common, latent_specific : int
         Dimensions of C and S.
     channels : sequence of int
-        Encoder stage widths (each stage halves the grid).
+        Encoder stage widths (each stage halves the grid); the conv decoder mirrors them.
     bottleneck : int
         Channels of the coarsest feature map.
     hidden : int
         Width of the dense layers.
     groups : int
-        GroupNorm groups.
-    output : {"softplus", "linear"}
-        Output activation.
+        GroupNorm groups (nonlinear encoders, joint decoder).
+    output : {"linear", "softplus"}
+        Output activation of the joint decoder.
     input_scale : float
-        Store units per network unit (volumes are divided by it on the way in, multiplied on the way out).
+        Store units per network unit (1 for normalised inputs).
+    encoder : {"linear", "nonlinear"}
+    encoder_grid : tuple of int, optional
+        Resample the encoders' input to this grid first (default: ``grid``).
+    decoder : {"dense", "conv"}
+    decoder_activation : {"linear", "silu"}
+    route : {"additive", "joint"}
+    mask : bool Tensor, optional
+        Brain mask of ``grid``; required by the dense decoder (it predicts these voxels only).
     """
 
     name = "decode_sz"
@@ -135,47 +213,92 @@ class DecodeSZ(nn.Module):
         bottleneck: int = 16,
         hidden: int = 256,
         groups: int = 8,
-        output: str = "softplus",
+        output: str = "linear",
         input_scale: float = 1.0,
+        encoder: str = "linear",
+        encoder_grid: Sequence[int] | None = None,
+        decoder: str = "conv",
+        decoder_activation: str = "linear",
+        route: str = "additive",
+        mask: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if len(grid) != 3 or min(grid) < 1:
             raise ValueError(f"grid {grid!r}: expected three positive sizes")
+        for name, value, choices in (("encoder", encoder, ENCODERS), ("decoder", decoder, DECODERS),
+                                     ("route", route, ROUTES)):
+            if value not in choices:
+                raise ValueError(f"model.{name} {value!r}: expected one of {list(choices)}")
+        if decoder == "dense" and route != "additive":
+            raise ValueError("model.decoder 'dense' needs model.route 'additive'")
         self.grid = tuple(int(g) for g in grid)
+        self.enc_grid = tuple(int(g) for g in (encoder_grid or grid))
         self.latent_common, self.latent_specific = latent_common, latent_specific
-        padded = padded_shape(self.grid, len(channels))
-        self._pads = pad_amounts(self.grid, padded)
-        self.common = Encoder3D(padded, channels, bottleneck, hidden, latent_common, groups)
-        self.specific = Encoder3D(padded, channels, bottleneck, hidden, latent_specific, groups)
-        self.decoder = Decoder3D(padded, channels, bottleneck, hidden, latent_common + latent_specific, groups, output)
+        self.route = route
+        enc_padded = padded_shape(self.enc_grid, len(channels))
+        self._enc_pads = pad_amounts(self.enc_grid, enc_padded)
+        linear = encoder == "linear"
+        self.common = Encoder3D(enc_padded, channels, bottleneck, hidden, latent_common, groups, linear)
+        self.specific = Encoder3D(enc_padded, channels, bottleneck, hidden, latent_specific, groups, linear)
+        dec_padded = padded_shape(self.grid, len(channels))
+        self._dec_pads = pad_amounts(self.grid, dec_padded)
+        if route == "joint":
+            self.decoder = JointDecoder(dec_padded, channels, bottleneck, hidden, latent_common + latent_specific,
+                                        groups, output)
+        elif decoder == "dense":
+            if mask is None or tuple(mask.shape) != self.grid:
+                raise ValueError(f"the dense decoder needs the brain mask of the grid {self.grid}")
+            self.register_buffer("mask", mask.bool().clone())
+            self.common_decoder = DenseDecoder(latent_common, mask, bias=True)
+            self.salient_decoder = DenseDecoder(latent_specific, mask, bias=False)
+        else:
+            self.common_decoder = ConvDecoder(dec_padded, channels, bottleneck, hidden, latent_common, True,
+                                              decoder_activation)
+            self.salient_decoder = ConvDecoder(dec_padded, channels, bottleneck, hidden, latent_specific, False,
+                                               decoder_activation)
+        self._dense = route == "additive" and decoder == "dense"
         self.register_buffer("input_scale", torch.tensor(float(input_scale)))
 
-    # -- the API used by the analysis stages (volumes in store units) --------------------------------
+    # -- the API used by the analysis stages ----------------------------------------------------------
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-3:]) != self.grid:
             raise ValueError(f"volume grid {tuple(x.shape[-3:])} does not match the model grid {self.grid}")
         if x.ndim == 4:
             x = x.unsqueeze(1)
-        return pad_to(x / self.input_scale, self._pads)
+        return x / self.input_scale
+
+    def _encoder_input(self, xin: torch.Tensor) -> torch.Tensor:
+        if self.enc_grid != self.grid:
+            xin = F.interpolate(xin, size=self.enc_grid, mode="trilinear", align_corners=False)
+        return pad_to(xin, self._enc_pads)
 
     def encode_common(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior ``(mu, logvar)`` of C for volumes ``x`` (N, 1, X, Y, Z) in store units."""
-        return self.common(self._prep(x))
+        """Posterior ``(mu, logvar)`` of C for volumes ``x`` (N, 1, X, Y, Z)."""
+        return self.common(self._encoder_input(self._prep(x)))
 
     def encode_specific(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior ``(mu, logvar)`` of S for volumes ``x`` (N, 1, X, Y, Z) in store units."""
-        return self.specific(self._prep(x))
+        """Posterior ``(mu, logvar)`` of S for volumes ``x`` (N, 1, X, Y, Z)."""
+        return self.specific(self._encoder_input(self._prep(x)))
+
+    def _branch(self, module: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        out = module(z)
+        return out if self._dense else crop_to(out, self._dec_pads)
 
     def decode_normalized(self, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """Decoder output in network units (store units / ``input_scale``), cropped to the grid."""
-        return crop_to(self.decoder(torch.cat([c, s], dim=1)), self._pads)
+        """Decoder output in network units, on the grid."""
+        if self.route == "joint":
+            return crop_to(self.decoder(torch.cat([c, s], dim=1)), self._dec_pads)
+        return self._branch(self.common_decoder, c) + self._branch(self.salient_decoder, s)
 
     def decode(self, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """Volumes (N, 1, X, Y, Z) in store units from latents ``c`` (N, dc) and ``s`` (N, ds).
-
-        Pass ``s = torch.zeros(N, ds)`` for the healthy twin / a control.
-        """
+        """Volumes (N, 1, X, Y, Z) from latents ``c`` (N, dc) and ``s`` (N, ds); ``s = 0`` gives the healthy twin."""
         return self.decode_normalized(c, s) * self.input_scale
+
+    def salient(self, s: torch.Tensor) -> torch.Tensor:
+        """The specific map ``decode(c, s) - decode(c, 0)`` of the additive route (independent of c)."""
+        if self.route != "additive":
+            raise ValueError("the salient map is defined for model.route 'additive' only")
+        return self._branch(self.salient_decoder, s) * self.input_scale
 
     # -- training -------------------------------------------------------------------------------------
     def forward(
@@ -190,7 +313,7 @@ class DecodeSZ(nn.Module):
         Parameters
         ----------
         x : Tensor (N, 1, X, Y, Z)
-            Volumes in store units.
+            Volumes (normalised model input).
         patient : bool Tensor (N,)
             True for patients.
         generator : torch.Generator, optional
@@ -206,7 +329,8 @@ class DecodeSZ(nn.Module):
             controls when ``control_s``, and ``s_dec`` (N, ds), the S input the decoder received.
         """
         xin = self._prep(x)
-        out = contrastive_pass(xin, patient, self.common, self.specific, self.latent_specific,
+        enc_in = self._encoder_input(xin)
+        out = contrastive_pass(enc_in, patient, self.common, self.specific, self.latent_specific,
                                self.decode_normalized, generator, control_s)
-        out["x"] = crop_to(xin, self._pads)
+        out["x"] = xin
         return out
