@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--strata", help="table mode: phenotype column to permute within (e.g. site)")
     a.add_argument("--patients-only", help="comma-separated variables analysed in patients only "
                    "(default: config patients_only, e.g. panss_total)")
+    a.add_argument("--patients-only-spaces", help="comma-separated feature spaces analysed in patients only, for "
+                   "every variable (default: config patients_only_spaces, i.e. S; '' for none)")
     a.add_argument("--diagnosis-column", default="diagnosis", help="patients-only with a TSV: diagnosis column")
     a.add_argument("--patient-label", default="SZ", help="patients-only with a TSV: diagnosis value of patients")
     r = p.add_argument_group("execution")
@@ -85,7 +87,10 @@ def _settings(args: argparse.Namespace, base: Any) -> dict[str, Any]:
         "use_samples": base.use_samples if args.use_samples is None else args.use_samples,
         "patients_only": (args.patients_only.split(",") if args.patients_only is not None
                           else list(base.patients_only)),
+        "patients_only_spaces": (args.patients_only_spaces.split(",") if args.patients_only_spaces is not None
+                                 else list(base.patients_only_spaces)),
     }
+    s["patients_only_spaces"] = [v.strip() for v in s["patients_only_spaces"] if v.strip()]
     s["variables"] = [f"{n}:{k}" for n, k in parse_variables(s["variables"])]
     s["patients_only"] = [v.strip() for v in s["patients_only"] if v.strip()]
     return s
@@ -132,6 +137,7 @@ def run_mode(args: argparse.Namespace, comm: Any, ranks: int) -> int:
         site = fdir.name
         folds[site] = {"spaces": f["spaces"], "phenotypes": ph}
         subsets[site] = {v: patient for v in s["patients_only"]}
+        subsets[site].update({(space, v): patient for space in s["patients_only_spaces"] for v, _ in variables})
         log.info("fold %s: %d held-out subjects (%d patients)", site, len(f["participant_id"]), patient.sum())
     t0 = time.time()
     timing: dict = {}
@@ -159,7 +165,7 @@ def table_mode(args: argparse.Namespace, comm: Any, ranks: int) -> int:
     if (args.out / "rsa.json").is_file() and not args.force:
         log.info("%s exists: RSA already done (use --force to recompute)", args.out / "rsa.json")
         return 0
-    s = _settings(args, RSAConfig(patients_only=()))
+    s = _settings(args, RSAConfig(patients_only=(), patients_only_spaces=()))
     seed = args.seed if args.seed is not None else 0
     variables = parse_variables(s["variables"])
     ids, spaces = rio.read_features(args.features, args.spaces.split(",") if args.spaces else None)
@@ -170,8 +176,8 @@ def table_mode(args: argparse.Namespace, comm: Any, ranks: int) -> int:
         if args.strata not in pheno:
             raise ValueError(f"--strata {args.strata!r}: no such column in {args.phenotypes}")
         strata = pheno[args.strata].astype(str)
-    subsets = {}
-    if s["patients_only"]:
+    subsets: dict = {}
+    if s["patients_only"] or s["patients_only_spaces"]:
         if args.diagnosis_column not in pheno:
             raise ValueError(f"--patients-only needs the column {args.diagnosis_column!r} in {args.phenotypes}")
         patient = pheno[args.diagnosis_column].astype(str) == args.patient_label
@@ -179,6 +185,11 @@ def table_mode(args: argparse.Namespace, comm: Any, ranks: int) -> int:
             raise ValueError(f"no subject has {args.diagnosis_column} == {args.patient_label!r} in "
                              f"{args.phenotypes} (values: {sorted(set(pheno[args.diagnosis_column].astype(str)))})")
         subsets = {v: patient for v in s["patients_only"]}
+        unknown = [sp for sp in s["patients_only_spaces"] if sp not in spaces]
+        if unknown:
+            raise ValueError(f"--patients-only-spaces {unknown}: no such feature space in {args.features} "
+                             f"(spaces: {sorted(spaces)})")
+        subsets.update({(sp, v): patient for sp in s["patients_only_spaces"] for v, _ in variables})
     t0 = time.time()
     timing: dict = {}
     rows, null = run_rsa(spaces, pheno, variables, s["permutations"], seed, s["distance"], strata, s["fwe"],

@@ -98,6 +98,20 @@ def _model_subjects(phenotypes: dict[str, np.ndarray], name: str, kind: str, n: 
     return idx, model_values(raw[idx], kind, name)
 
 
+def subset_for(subsets: dict | None, space: str, name: str) -> np.ndarray | None:
+    """Subjects of variable ``name`` in feature space ``space``: the intersection of ``subsets[name]`` (a
+    variable analysed in a subgroup, e.g. PANSS in patients) and ``subsets[(space, name)]`` (a space analysed in
+    a subgroup, e.g. S in patients); None when neither is given."""
+    parts = [np.asarray(v, bool) for v in ((subsets or {}).get(name), (subsets or {}).get((space, name)))
+             if v is not None]
+    if not parts:
+        return None
+    out = parts[0].copy()
+    for part in parts[1:]:
+        out &= part
+    return out
+
+
 def _digest(*arrays: np.ndarray) -> str:
     h = hashlib.sha256()
     for a in arrays:
@@ -207,8 +221,9 @@ def run_rsa(spaces: dict[str, np.ndarray], phenotypes: dict[str, np.ndarray],
         Blocks are spread over its ranks; results are identical for any number of ranks.
     block_size : int
         Permutations per seeded block.
-    subsets : dict of str to ndarray of bool, optional
-        Variable -> subjects it is analysed in (e.g. patients only for PANSS).
+    subsets : dict, optional
+        Variable -> subjects it is analysed in (e.g. patients only for PANSS), and ``(space, variable)`` ->
+        subjects for a space analysed in a subgroup (e.g. S in patients); see :func:`subset_for`.
     scope : str
         Value of the ``scope`` key of every row.
     return_null : bool
@@ -245,11 +260,11 @@ def run_rsa(spaces: dict[str, np.ndarray], phenotypes: dict[str, np.ndarray],
     subs = {k: np.asarray(v, bool)[order] for k, v in (subsets or {}).items()}
     columns = []
     for name, kind in variables:
-        members, values = _model_subjects(phen, name, kind, n, subs.get(name))
-        if members.size < MIN_SUBJECTS:
-            raise ValueError(f"variable {name!r}: only {members.size} subjects with a value "
-                             f"(need {MIN_SUBJECTS})")
         for space, rdm in rdms.items():
+            members, values = _model_subjects(phen, name, kind, n, subset_for(subs, space, name))
+            if members.size < MIN_SUBJECTS:
+                raise ValueError(f"variable {name!r} in space {space}: only {members.size} subjects with a value "
+                                 f"(need {MIN_SUBJECTS})")
             columns.append(_make_column(scope, space, name, kind, rdm, n, members, values, members))
     _check_same_inputs(comm, _digest(*rdms.values(), *[c.members for c in columns],
                                      np.array([c.observed for c in columns])))
@@ -274,7 +289,8 @@ def run_loso(folds: dict[str, dict[str, Any]], variables: list[tuple[str, str]],
         Held-out site -> ``{"spaces": {name: (n, d) or (K, n, d)}, "phenotypes": {col: (n,)}}`` of the
         site's held-out subjects.
     subsets : dict, optional
-        Held-out site -> variable -> bool mask over that site's subjects.
+        Held-out site -> (variable or ``(space, variable)``) -> bool mask over that site's subjects
+        (:func:`subset_for`).
     within_site : bool
         Draw permutations within site. Every statistic only uses within-site cells, so the restriction
         of a permutation to one site is uniform either way; the option only changes which draws are made.
@@ -300,7 +316,7 @@ def run_loso(folds: dict[str, dict[str, Any]], variables: list[tuple[str, str]],
             rdm = feature_rdm(np.asarray(x), distance)
             digests.append(_digest(rdm))
             for name, kind in variables:
-                sub = (subsets or {}).get(site, {}).get(name)
+                sub = subset_for((subsets or {}).get(site), space, name)
                 local, values = _model_subjects(fold["phenotypes"], name, kind, ns, sub)
                 if local.size < MIN_SUBJECTS or np.unique(values).size < 2:
                     log.warning("site %s, %s: %d subjects with %d distinct values; not tested at this site",
