@@ -40,7 +40,7 @@ def test_trained_fold_maps_and_report(tiny_store, tmp_path):
     combined = _run("dist_decode.maps", "--run-dir", str(run), "--combine", "--set", "maps.syn_iterations=[20,10,0]")
     assert "wrote" in combined.stderr and "overlap.nii.gz" in combined.stderr
     n_pat = int(((np.asarray(store.site_of) == site) & np.asarray(store.is_patient)).sum())
-    maps = sorted((run / "maps" / "subjects" / site).glob("*.nii.gz"))
+    maps = sorted((run / "maps" / "subjects" / site).glob("*_effect.nii.gz"))
     assert len(maps) == n_pat
     for p in maps:
         img = nib.load(str(p))
@@ -51,7 +51,7 @@ def test_trained_fold_maps_and_report(tiny_store, tmp_path):
     assert summary["sites"] == [site] and set(summary["sites_missing_fold"]) == set(store.sites) - {site}
     ov = nib.load(str(run / "maps" / "overlap.nii.gz"))
     assert ov.shape == store.grid_shape and int(np.asarray(ov.dataobj).max()) <= 1
-    _run("dist_decode.report", "--run-dir", str(run), "--recovery-permutations", "50")
+    _run("dist_decode.report", "--run-dir", str(run))
     data = json.loads((run / "report" / "report.json").read_text())
     fold = next(f for f in data["folds"]["folds"] if f["site"] == site)
     assert fold["status"] == "done" and fold["n_parameters"] > 0 and fold["recon_error_test"] > 0

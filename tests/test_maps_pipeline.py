@@ -17,7 +17,7 @@ import pytest
 from dist_decode.config import RunConfig
 from dist_decode.data import Store
 from dist_decode.maps.pipeline import resolve_shard, run_maps
-from test_maps_fixtures import make_run, planted_centre, planted_loader
+from test_maps_fixtures import make_run, planted_centre, planted_loader, poster_cfg, raw_cfg
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +26,7 @@ def store_path(tiny_store):
     return tiny_store
 
 
-def _cfg(**maps) -> RunConfig:
-    """Config of the tests: in-process registration; on the 6 mm grid SyN also iterates at full resolution
-    with a 1.5-voxel update smoothing (ANTs' defaults would smooth over ~18 mm and blur the planted effect)."""
-    cfg = RunConfig()
-    fields = {**cfg.maps.__dict__, "workers": 1, "syn_iterations": (40, 20, 10), "syn_flow_sigma": 1.5, **maps}
-    return cfg.replace(maps=cfg.maps.__class__(**fields))
+_cfg = poster_cfg
 
 
 def test_planted_effect_is_found_where_planted(tmp_path, store_path):
@@ -42,8 +37,9 @@ def test_planted_effect_is_found_where_planted(tmp_path, store_path):
     centre = planted_centre(store)
     # Every held-out patient has a log Jacobian map on the store grid with the store affine: atrophy at the centre.
     n_patients = int(np.asarray(store.is_patient).sum())
-    maps = sorted((out / "subjects").rglob("*.nii.gz"))
+    maps = sorted((out / "subjects").rglob("*_effect.nii.gz"))
     assert len(maps) == n_patients == result["subjects"]["computed"]
+    assert len(sorted((out / "subjects").rglob("*_deviation.nii.gz"))) == n_patients
     img = nib.load(str(maps[0]))
     assert img.shape == store.grid_shape and np.allclose(img.affine, store.affine)
     assert np.asarray(img.dataobj)[centre] < -0.05
@@ -120,7 +116,7 @@ def test_samples_fwe_and_determinism(tmp_path, store_path):
     res = run_maps(run_a, load_model=loader, progress=False)
     assert res["subjects"]["computed"] == 5
     # Same inputs and seed: identical subject maps (checked on one subject) and group maps.
-    pid = sorted((run_a / "maps" / "subjects" / site).glob("*.nii.gz"))[0].name
+    pid = sorted((run_a / "maps" / "subjects" / site).glob("*_effect.nii.gz"))[0].name
     shutil.copytree(run_a / "maps" / "subjects", run_b / "maps" / "subjects")
     (run_b / "maps" / "subjects" / site / pid).unlink()
     run_maps(run_b, load_model=loader, progress=False)
@@ -134,6 +130,46 @@ def test_samples_fwe_and_determinism(tmp_path, store_path):
         np.testing.assert_array_equal(a, b)
     centre = planted_centre(store)
     assert np.asarray(nib.load(str(run_a / "maps" / "sites" / site / "t.nii.gz")).dataobj)[centre] < 0
+
+
+def test_density_maps_find_a_planted_loss_against_the_observed_volumes(tmp_path, store_path):
+    """The default maps: density effect and deviation maps, a sign-flip FWE test of the deviations, half maximum."""
+    store = Store.open(store_path)
+    assert raw_cfg().maps.threshold == "fwe"
+    # 5 patients per site have 32 sign patterns, so no FWE p-value can be below 2/32: use FDR here
+    cfg = raw_cfg(threshold="fdr")
+    assert cfg.maps.kind == "auto" and cfg.maps.test_on == "deviation" and cfg.maps.extent == "half_max"
+    run = make_run(tmp_path, store_path, cfg=cfg)
+    result = run_maps(run, load_model=planted_loader(store_path, "density"), progress=False)
+    assert result["subjects"]["kind"] == "density"
+    out = run / "maps"
+    centre = planted_centre(store)
+    mask = np.asarray(store.mask) > 0
+    site = store.sites[0]
+    pid = next(p for p, s, pat in zip(store.participant_ids, store.site_of, store.is_patient) if s == site and pat)
+    eff = np.asarray(nib.load(str(out / "subjects" / site / f"{pid}_effect.nii.gz")).dataobj)
+    dev = np.asarray(nib.load(str(out / "subjects" / site / f"{pid}_deviation.nii.gz")).dataobj)
+    # log(recon / twin) and log(observed / twin): a loss at the centre of exactly the planted size, 0 far away
+    sev = 0.3 * float(np.asarray(h5py_value(run / "folds" / site / "features.h5", "s_mean", pid))[0])
+    assert sev > 0.15 and eff[centre] == pytest.approx(-sev, abs=1e-4) and dev[centre] == pytest.approx(-sev, abs=1e-4)
+    far = np.linalg.norm(np.indices(mask.shape) - np.array(centre)[:, None, None, None], axis=0) > 8
+    assert np.abs(eff[far & mask]).max() < 1e-3 and np.abs(dev[far & mask]).max() < 1e-3
+    assert np.count_nonzero(eff[~mask]) == 0  # maps live inside the brain mask
+    for s in store.sites:
+        binary = np.asarray(nib.load(str(out / "sites" / s / "binary.nii.gz")).dataobj) > 0
+        assert binary[centre] and not binary[far].any()
+        g = json.loads((out / "sites" / s / "group.json").read_text())
+        assert g["method"] == "fdr" and g["n_kept"] < g["n_significant"]  # the half-maximum extent trims
+    ov = np.asarray(nib.load(str(out / "overlap.nii.gz")).dataobj)
+    assert ov[centre] == len(store.sites)
+
+
+def h5py_value(path, key, pid):
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        ids = list(f["participant_id"].asstr()[...])
+        return f[key][ids.index(pid)]
 
 
 def test_resolve_shard(monkeypatch):

@@ -1,13 +1,17 @@
-"""The maps stage: per-subject twin Jacobians -> per-site group maps -> overlap, Dice and clusters.
+"""The maps stage: per-patient healthy-twin maps -> per-site group maps -> overlap, Dice and clusters.
 
 Layout under ``RUN/maps/`` (each file written under a temporary name and renamed):
 
-``subjects/<site>/<participant_id>.nii.gz``
-    log Jacobian determinant of the twin -> reconstruction deformation (float32, store grid and affine).
+``subjects/<site>/<participant_id>_effect.nii.gz``
+    The decoded schizophrenia-specific map: ``log(recon / twin)`` in grey-matter density units
+    (``maps.kind = "density"``) or the log Jacobian of the SyN registration twin -> recon (``"jacobian"``).
+``subjects/<site>/<participant_id>_deviation.nii.gz``
+    The patient's observed volume against the healthy twin: ``log(observed / twin)`` (or SyN twin -> observed).
 ``subjects/settings.json``
     The settings that produced the subject maps (a re-run with other settings refuses to mix them).
-``sites/<site>/{mean_logjac,t,p,signed,binary}.nii.gz`` and ``sites/<site>/group.json``
-    The held-out site's group test; ``group.json`` (written last) records n, method, level and threshold.
+``sites/<site>/{mean_effect,mean_deviation,t,p,signed,binary}.nii.gz`` and ``sites/<site>/group.json``
+    The held-out site's group test (of ``maps.test_on``) and the kept extent (``maps.extent``); ``group.json``
+    (written last) records n, method, level and threshold.
 ``overlap.nii.gz`` (+ ``overlap_atrophy.nii.gz``, ``overlap_expansion.nii.gz``), ``dice.csv``, ``clusters.csv``,
 ``maps.json``
     Across sites. ``overlap.nii.gz`` is the stage's completion file; ``maps.json`` lists the sites included and
@@ -33,14 +37,16 @@ from tqdm import tqdm
 
 from dist_decode.config import MapsConfig, RunConfig
 from dist_decode.fsutil import atomic_path, atomic_write_json
-from dist_decode.maps.group import site_group_map, smooth_maps
+from dist_decode.maps.density import MapSpace, log_ratio
+from dist_decode.maps.group import half_max_extent, site_group_map, smooth_maps
 from dist_decode.maps.jacobian import SynSettings, log_jacobian, voxel_spacing
 from dist_decode.maps.overlap import Atlas, cluster_table, dice_matrix, overlap_count
 from dist_decode.maps.twins import decode_pairs, read_held_out
 
 log = logging.getLogger("dist_decode.maps")
 
-GROUP_FILES = ("mean_logjac", "t", "p", "signed", "binary")
+GROUP_FILES = ("mean_effect", "mean_deviation", "t", "p", "signed", "binary")
+MAP_KINDS = ("auto", "density", "jacobian")
 
 
 # -- small helpers ----------------------------------------------------------------------------------------------
@@ -67,6 +73,26 @@ def load_nifti(path: Path) -> np.ndarray:
     import nibabel as nib
 
     return np.asarray(nib.load(str(path)).dataobj)
+
+
+def resolve_kind(mc: MapsConfig) -> str:
+    """``maps.kind`` with ``auto`` resolved: ``density``, as the store holds modulated (mwp1) maps."""
+    if mc.kind not in MAP_KINDS:
+        raise ValueError(f"maps.kind {mc.kind!r}: expected one of {list(MAP_KINDS)}")
+    return "density" if mc.kind == "auto" else mc.kind
+
+
+def check_settings(mc: MapsConfig) -> None:
+    """Raise ValueError naming the field for a maps setting outside its choices."""
+    resolve_kind(mc)
+    for name, value, choices in (("test_on", mc.test_on, ("deviation", "effect")),
+                                 ("extent", mc.extent, ("half_max", "significant")),
+                                 ("threshold", mc.threshold, ("fdr", "fwe")),
+                                 ("syn_transform", mc.syn_transform, ("SyNOnly", "SyN"))):
+        if value not in choices:
+            raise ValueError(f"maps.{name} {value!r}: expected one of {list(choices)}")
+    if not 0 < mc.extent_fraction < 1:
+        raise ValueError(f"maps.extent_fraction {mc.extent_fraction}: expected a value in (0, 1)")
 
 
 def resolve_shard(spec: str | None) -> tuple[int, int]:
@@ -107,21 +133,29 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _subject_task(out_path: str, twins: np.ndarray, recons: np.ndarray, affine: np.ndarray,
-                  settings: SynSettings, save_volumes: bool) -> tuple[str, float]:
-    """Worker: average log J over the subject's decoded (twin, recon) pairs and write the map."""
+def _syn_task(out_effect: str, out_deviation: str, twins: np.ndarray, recons: np.ndarray, observed: np.ndarray,
+              mask: np.ndarray, affine: np.ndarray, settings: SynSettings, save_volumes: bool) -> tuple[str, float]:
+    """Worker (``jacobian`` maps): mean log J of SyN twin -> recon and twin -> observed over the subject's
+    decoded (twin, recon) pairs; both written."""
     start = time.perf_counter()
     try:
-        maps = [log_jacobian(t, r, affine, settings) for t, r in zip(twins, recons)]
+        effect = np.mean([log_jacobian(t, r, affine, settings) for t, r in zip(twins, recons)], axis=0)
+        deviation = np.mean([log_jacobian(t, observed, affine, settings) for t in twins], axis=0)
     except Exception as exc:  # name the subject: a bare ITK/ANTs error says nothing about which one failed
-        raise RuntimeError(f"{out_path}: twin -> recon registration failed: {type(exc).__name__}: {exc}") from exc
-    out = Path(out_path)
-    save_nifti(out, np.mean(maps, axis=0), affine)
+        raise RuntimeError(f"{out_effect}: twin registration failed: {type(exc).__name__}: {exc}") from exc
+    _write_subject(Path(out_effect), Path(out_deviation), effect * mask, deviation * mask, twins, recons, affine,
+                   save_volumes)
+    return out_effect, time.perf_counter() - start
+
+
+def _write_subject(out_effect: Path, out_deviation: Path, effect: np.ndarray, deviation: np.ndarray,
+                   twins: np.ndarray, recons: np.ndarray, affine: np.ndarray, save_volumes: bool) -> None:
     if save_volumes:
-        stem = out.name[: -len(".nii.gz")]
-        save_nifti(out.with_name(f"{stem}_recon.nii.gz"), np.mean(recons, axis=0), affine)
-        save_nifti(out.with_name(f"{stem}_twin.nii.gz"), np.mean(twins, axis=0), affine)
-    return out_path, time.perf_counter() - start
+        stem = out_effect.name[: -len("_effect.nii.gz")]
+        save_nifti(out_effect.with_name(f"{stem}_recon.nii.gz"), np.mean(recons, axis=0), affine)
+        save_nifti(out_effect.with_name(f"{stem}_twin.nii.gz"), np.mean(twins, axis=0), affine)
+    save_nifti(out_deviation, deviation, affine)
+    save_nifti(out_effect, effect, affine)  # last: its presence marks the subject done
 
 
 # -- run context ------------------------------------------------------------------------------------------------
@@ -185,8 +219,8 @@ class MapsRun:
     def site_index(self, site: str) -> int:
         return list(self.store.sites).index(site)
 
-    def subject_path(self, site: str, pid: str) -> Path:
-        return self.out / "subjects" / _safe(site) / f"{_safe(pid)}.nii.gz"
+    def subject_path(self, site: str, pid: str, what: str = "effect") -> Path:
+        return self.out / "subjects" / _safe(site) / f"{_safe(pid)}_{what}.nii.gz"
 
     def site_dir(self, site: str) -> Path:
         return self.out / "sites" / _safe(site)
@@ -199,26 +233,28 @@ def syn_settings(mc: MapsConfig, seed: int) -> SynSettings:
 
 
 def _subject_settings(mc: MapsConfig) -> dict:
-    return {"use_samples": mc.use_samples, "n_samples": mc.n_samples if mc.use_samples else 1,
-            "syn_transform": mc.syn_transform, "syn_iterations": list(mc.syn_iterations),
-            "syn_metric": mc.syn_metric, "syn_flow_sigma": mc.syn_flow_sigma,
-            "syn_total_sigma": mc.syn_total_sigma}
+    out = {"kind": resolve_kind(mc), "use_samples": mc.use_samples, "n_samples": mc.n_samples if mc.use_samples else 1}
+    if out["kind"] == "jacobian":
+        out.update(syn_transform=mc.syn_transform, syn_iterations=list(mc.syn_iterations), syn_metric=mc.syn_metric,
+                   syn_flow_sigma=mc.syn_flow_sigma, syn_total_sigma=mc.syn_total_sigma)
+    return out
 
 
-# -- stage 1: subject Jacobians ---------------------------------------------------------------------------------
+# -- stage 1: subject maps --------------------------------------------------------------------------------------
 def compute_subject_maps(run: MapsRun, workers: int, shard: tuple[int, int] = (0, 1),
                          load_model: Callable | None = None, force: bool = False,
                          progress: bool = True) -> dict:
-    """Decode and register every held-out patient of every finished fold (this shard's share), skipping done ones.
+    """Decode every held-out patient of every finished fold (this shard's share) and write its effect and
+    deviation maps, skipping done ones.
 
     Returns
     -------
     dict
-        ``computed``, ``skipped``, ``seconds_per_subject`` (mean registration time) and ``wall_s``.
+        ``computed``, ``skipped``, ``seconds_per_subject`` and ``wall_s``.
     """
     mc = run.cfg.maps
-    if mc.syn_transform not in ("SyNOnly", "SyN"):
-        raise ValueError(f"maps.syn_transform {mc.syn_transform!r}: use 'SyNOnly' or 'SyN'")
+    check_settings(mc)
+    kind = resolve_kind(mc)
     settings_path = run.out / "subjects" / "settings.json"
     wanted = _subject_settings(mc)
     if settings_path.is_file():
@@ -239,21 +275,23 @@ def compute_subject_maps(run: MapsRun, workers: int, shard: tuple[int, int] = (0
     mine = [t for k, t in enumerate(todo) if k % shard[1] == shard[0]]
     pending = [t for t in mine if force or not run.subject_path(t[0], t[2]).is_file()]
     stats = {"subjects_total": len(todo), "this_shard": len(mine), "skipped": len(mine) - len(pending),
-             "computed": 0, "seconds_per_subject": None, "wall_s": 0.0}
+             "computed": 0, "seconds_per_subject": None, "wall_s": 0.0, "kind": kind}
     if not pending:
         log.info("subject maps: nothing to do (%d in this shard already done)", len(mine))
         return stats
     if load_model is None:
         from dist_decode.model import load_fold_model as load_model
 
+    space = MapSpace(run.run_dir, run.store, run.cfg)
+    mask = np.asarray(run.store.mask) > 0
     start = time.perf_counter()
-    nworkers = workers if workers > 0 else usable_cores()
+    nworkers = (workers if workers > 0 else usable_cores()) if kind == "jacobian" else 1
     pool = None
     if nworkers > 1:
         pool = cf.ProcessPoolExecutor(max_workers=nworkers, mp_context=mp.get_context("spawn"))
     futures: set[cf.Future] = set()
     seconds: list[float] = []
-    bar = tqdm(total=len(pending), desc="twin Jacobians", unit="subj", disable=not progress)
+    bar = tqdm(total=len(pending), desc=f"{kind} maps", unit="subj", disable=not progress)
 
     def collect(done_futs):
         for fut in done_futs:
@@ -277,17 +315,29 @@ def compute_subject_maps(run: MapsRun, workers: int, shard: tuple[int, int] = (0
                 recon, twin = decode_pairs(model, c.reshape(nb * k, -1), s.reshape(nb * k, -1), run.shape)
                 recon = recon.reshape((nb, k) + run.shape)
                 twin = twin.reshape((nb, k) + run.shape)
+                observed = space.observed([pid for _, pid in batch])
                 for j, (i, pid) in enumerate(batch):
+                    t0 = time.perf_counter()
+                    twins_d, recons_d = space.density(twin[j], pid), space.density(recon[j], pid)
+                    obs_d = space.density(observed[j], pid)
+                    paths = (run.subject_path(site, pid, "effect"), run.subject_path(site, pid, "deviation"))
+                    if kind == "density":
+                        effect = np.mean([log_ratio(r, t, mask) for r, t in zip(recons_d, twins_d)], axis=0)
+                        deviation = np.mean([log_ratio(obs_d, t, mask) for t in twins_d], axis=0)
+                        _write_subject(*paths, effect, deviation, twins_d, recons_d, run.affine, mc.save_volumes)
+                        seconds.append(time.perf_counter() - t0)
+                        bar.update(1)
+                        continue
                     # One seed per (run seed, fold, subject row): the same map on every re-run and shard layout.
                     seed = int(np.random.SeedSequence([run.cfg.seed, fold_idx, int(i)]).generate_state(1)[0] % 2**31)
-                    args = (str(run.subject_path(site, pid)), twin[j], recon[j], run.affine,
+                    args = (str(paths[0]), str(paths[1]), twins_d, recons_d, obs_d, mask, run.affine,
                             syn_settings(mc, seed), mc.save_volumes)
                     if pool is None:
-                        _, sec = _subject_task(*args)
+                        _, sec = _syn_task(*args)
                         seconds.append(sec)
                         bar.update(1)
                         continue
-                    futures.add(pool.submit(_subject_task, *args))
+                    futures.add(pool.submit(_syn_task, *args))
                     if len(futures) >= 2 * nworkers:  # bound the decoded volumes held in memory
                         done, futures = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
                         collect(done)
@@ -302,7 +352,7 @@ def compute_subject_maps(run: MapsRun, workers: int, shard: tuple[int, int] = (0
             pool.shutdown(wait=True, cancel_futures=True)
     stats.update(computed=len(seconds), seconds_per_subject=float(np.mean(seconds)) if seconds else None,
                  wall_s=time.perf_counter() - start)
-    log.info("subject maps: %d computed in %.1f s (%.2f s per registration-subject, %d workers)",
+    log.info("subject maps (%s): %d computed in %.1f s (%.3f s per subject, %d workers)", kind,
              len(seconds), stats["wall_s"], stats["seconds_per_subject"] or 0.0, nworkers)
     return stats
 
@@ -311,28 +361,33 @@ def compute_subject_maps(run: MapsRun, workers: int, shard: tuple[int, int] = (0
 def compute_group_maps(run: MapsRun, force: bool = False) -> dict[str, dict]:
     """One group map per finished held-out site whose subject maps are all present.
 
+    The test (``maps.threshold``) runs on the patients' ``maps.test_on`` maps; ``maps.extent`` then decides which
+    significant voxels the site map keeps, using the mean effect map.
+
     Returns
     -------
     dict of site -> dict
         The site's ``group.json`` content, or ``{"status": ...}`` explaining why there is no map.
     """
     mc = run.cfg.maps
+    check_settings(mc)
     level = mc.fdr_q if mc.threshold == "fdr" else mc.fwe_alpha
     results: dict[str, dict] = {}
     mask = np.asarray(run.store.mask) > 0
     for site in run.selected:
         h = read_held_out(run.fold_dir(site) / "features.h5", run.patient_ids, False)
         pids = h.participant_id
-        paths = [run.subject_path(site, p) for p in pids]
         settings = {"threshold": mc.threshold, "level": level, "smooth_fwhm_mm": mc.smooth_fwhm_mm,
-                    "permutations": mc.permutations if mc.threshold == "fwe" else None,
+                    "variance_smoothing_mm": mc.variance_smoothing_mm if mc.threshold == "fwe" else None,
+                    "permutations": mc.permutations if mc.threshold == "fwe" else None, "test_on": mc.test_on,
+                    "extent": mc.extent, "extent_fraction": mc.extent_fraction if mc.extent == "half_max" else None,
                     "subjects": _subject_settings(mc), "participants": pids}
         gpath = run.site_dir(site) / "group.json"
         if len(pids) < max(3, mc.min_patients):
             results[site] = {"site": site, "status": "too_few_patients", "n": len(pids)}
             log.warning("site %s: %d held-out patients < %d; no group map", site, len(pids), max(3, mc.min_patients))
             continue
-        absent = [p for p, path in zip(pids, paths) if not path.is_file()]
+        absent = [p for p in pids if not run.subject_path(site, p, "effect").is_file()]
         if absent:
             results[site] = {"site": site, "status": "subject_maps_missing", "n": len(pids), "missing": len(absent)}
             log.warning("site %s: %d of %d subject maps missing (e.g. %s); no group map yet",
@@ -343,20 +398,33 @@ def compute_group_maps(run: MapsRun, force: bool = False) -> dict[str, dict]:
             if have.get("settings") == settings:
                 results[site] = have
                 continue
-        stack = np.stack([load_nifti(p).astype(np.float32) for p in paths])
-        if stack.shape[1:] != run.shape:
-            raise ValueError(f"{paths[0]}: map shape {stack.shape[1:]} is not the store grid {run.shape}")
-        stack = smooth_maps(stack, mc.smooth_fwhm_mm, voxel_spacing(run.affine))
+        stacks = {}
+        for what in ("effect", "deviation"):
+            stack = np.stack([load_nifti(run.subject_path(site, p, what)).astype(np.float32) for p in pids])
+            if stack.shape[1:] != run.shape:
+                raise ValueError(f"{run.subject_path(site, pids[0], what)}: map shape {stack.shape[1:]} is not the "
+                                 f"store grid {run.shape}")
+            stacks[what] = smooth_maps(stack, mc.smooth_fwhm_mm, voxel_spacing(run.affine))
         rng = np.random.default_rng(np.random.SeedSequence([run.cfg.seed, 7919, run.site_index(site)]))
-        gm = site_group_map(stack, mask, mc.threshold, level, mc.permutations, rng)
+        gm = site_group_map(stacks[mc.test_on], mask, mc.threshold, level, mc.permutations, rng,
+                            mc.variance_smoothing_mm, voxel_spacing(run.affine))
+        mean_effect = stacks["effect"].mean(axis=0) * mask
+        keep = gm.binary > 0
+        if mc.extent == "half_max":
+            keep = half_max_extent(keep, gm.t, mean_effect, mc.extent_fraction)
+        signed = np.where(keep, gm.t, 0.0).astype(np.float32)
         sdir = run.site_dir(site)
-        for name, arr in zip(GROUP_FILES, (gm.mean, gm.t, gm.p, gm.signed, gm.binary)):
-            save_nifti(sdir / f"{name}.nii.gz", arr, run.affine)
-        info = {"site": site, "status": "ok", **gm.info, "settings": settings}
+        arrays = {"mean_effect": mean_effect, "mean_deviation": stacks["deviation"].mean(axis=0) * mask, "t": gm.t,
+                  "p": gm.p, "signed": signed, "binary": keep.astype(np.uint8)}
+        for name in GROUP_FILES:
+            save_nifti(sdir / f"{name}.nii.gz", arrays[name], run.affine)
+        info = {"site": site, "status": "ok", **gm.info, "n_kept": int(keep.sum()),
+                "n_kept_negative": int((keep & (gm.t < 0)).sum()), "n_kept_positive": int((keep & (gm.t > 0)).sum()),
+                "settings": settings}
         atomic_write_json(gpath, info)
         results[site] = info
-        log.info("site %s: n=%d, %d significant voxels (%s %.3g)", site, gm.n, gm.info["n_significant"],
-                 mc.threshold, level)
+        log.info("site %s: n=%d, %d significant voxels (%s %.3g on %s), %d kept (%s)", site, gm.n,
+                 gm.info["n_significant"], mc.threshold, level, mc.test_on, int(keep.sum()), mc.extent)
     return results
 
 
