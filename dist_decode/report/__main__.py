@@ -22,8 +22,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "recovery (synthetic cohorts) and provenance. Works on partial runs and lists what is "
                     "missing; skips the build when its inputs are unchanged.")
     p.add_argument("--run-dir", required=True, type=Path, help="run directory")
-    p.add_argument("--recovery-permutations", type=int, default=1000,
-                   help="permutations of the ground-truth recovery RSA (synthetic cohorts; default 1000)")
     p.add_argument("--force", action="store_true", help="rebuild even if nothing changed")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -36,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from dist_decode.report.build import build_report
 
-        index = build_report(args.run_dir, force=args.force, recovery_permutations=args.recovery_permutations)
+        index = build_report(args.run_dir, force=args.force)
     except (FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return 2

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from dist_decode.analysis.recovery import cv_auc, transfer_auc
 from dist_decode.config import RunConfig
 from dist_decode.fsutil import atomic_path, atomic_write_json, atomic_write_text
 
@@ -125,36 +126,6 @@ def cohort_section(run: Run) -> dict:
             "loso_ineligible": m.get("loso_ineligible", {}), "ground_truth": bool(run.store.ground_truth)}
 
 
-def _cv_auc(x: np.ndarray, y: np.ndarray, seed: int) -> float | None:
-    """Stratified cross-validated AUC of a standardised logistic regression (None if a class has < 2 cases)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    k = int(min(5, y.sum(), (~y).sum()))
-    if k < 2:
-        return None
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed % 2**31)
-    score = cross_val_predict(clf, x, y, cv=cv, method="decision_function")
-    return float(roc_auc_score(y, score))
-
-
-def _transfer_auc(xtr, ytr, xte, yte) -> float | None:
-    """AUC on the held-out site of a classifier trained on the training sites' subjects."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    if ytr.all() or not ytr.any() or yte.all() or not yte.any():
-        return None
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(xtr, ytr)
-    return float(roc_auc_score(yte, clf.decision_function(xte)))
-
-
 def anchor_parameters() -> int:
     try:
         from dist_decode.model import ANCHOR_N_PARAMETERS
@@ -209,9 +180,9 @@ def folds_section(run: Run) -> dict:
         seed = int(np.random.SeedSequence([run.cfg.seed, 31337, k]).generate_state(1)[0])
         for space in ("s", "c"):
             x = np.asarray(f[f"{space}_mean"], float)
-            row[f"auc_{space}"] = _cv_auc(x[test], pat[test], seed)
+            row[f"auc_{space}"] = cv_auc(x[test], pat[test], seed)
             train = f["split"] != "test"
-            row[f"auc_{space}_transfer"] = _transfer_auc(x[train], pat[train], x[test], pat[test])
+            row[f"auc_{space}_transfer"] = transfer_auc(x[train], pat[train], x[test], pat[test])
         curve = read_metrics(fdir / "metrics.jsonl")
         if curve["train_step"]:
             row["final_train_loss"] = curve["train_total"][-1]
@@ -277,122 +248,17 @@ def maps_section(run: Run) -> dict:
         "dice", "clusters", "groups", "config")}}
 
 
-def recovery_section(run: Run, permutations: int) -> dict:
-    """Synthetic cohorts: RSA of S and C with the planted factors, and the overlap map vs the planted regions."""
+def recovery_section(run: Run) -> dict:
+    """Synthetic cohorts: every recovery metric beside its goal (:mod:`dist_decode.analysis.recovery`)."""
+    from dist_decode.analysis.recovery import run_recovery
+
     if run.store is None or not run.store.ground_truth:
         return {"status": "not_applicable", "reason": "the cohort has no ground truth (real data)"}
-    gt = Path(run.store.ground_truth)
-    out: dict[str, Any] = {"status": "ok", "ground_truth": str(gt)}
-    scores_path = gt / "scores.tsv"
-    out["rsa"] = _recovery_rsa(run, scores_path, permutations) if scores_path.is_file() else {
-        "status": "missing", "reason": f"{scores_path} not found"}
-    out["maps"] = _recovery_maps(run, gt)
-    return out
-
-
-def _read_tsv(path: Path) -> dict[str, list[str]]:
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh, delimiter="\t"))
-    return {k: [r[k] for r in rows] for k in (rows[0].keys() if rows else [])}
-
-
-def _float(text: str) -> float:
-    """A TSV cell as float; n/a and empty cells become NaN (run_rsa drops them per variable)."""
     try:
-        return float(text)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def _recovery_rsa(run: Run, scores_path: Path, permutations: int) -> dict:
-    try:
-        from dist_decode.rsa import run_rsa
-    except ImportError as exc:
-        return {"status": "missing", "reason": f"dist_decode.rsa.run_rsa not available ({exc})"}
-    scores = _read_tsv(scores_path)
-    if "participant_id" not in scores:
-        return {"status": "missing", "reason": f"{scores_path}: no participant_id column"}
-    variables = ["specific_severity"] + [c for c in scores if c.startswith("common_")]
-    index = {p: i for i, p in enumerate(scores["participant_id"])}
-    rows = []
-    for k, site in enumerate(run.sites):
-        fpath = run.dir / "folds" / site / "features.h5"
-        if not (run.dir / "folds" / site / "DONE").is_file() or not fpath.is_file():
-            continue
-        try:
-            f = _read_features(fpath)
-            keep = (f["split"] == "test") & run.is_patient(f["participant_id"], f["diagnosis"])
-        except (OSError, KeyError, ValueError):
-            continue  # already reported as unreadable in the fold table
-        keep &= np.array([p in index for p in f["participant_id"]])
-        if keep.sum() < 4:
-            continue
-        pids = f["participant_id"][keep]
-        phen = {v: np.array([_float(scores[v][index[p]]) for p in pids]) for v in variables if v in scores}
-        spaces = {"S": np.asarray(f["s_mean"], float)[keep], "C": np.asarray(f["c_mean"], float)[keep]}
-        seed = int(np.random.SeedSequence([run.cfg.seed, 4242, k]).generate_state(1)[0])
-        res = run_rsa(spaces, phen, [(v, "continuous") for v in phen], permutations=permutations, seed=seed)
-        for r in res:
-            rows.append({"scope": site, **{key: r.get(key) for key in (
-                "space", "variable", "n", "tau_a", "tau_b", "p", "p_fwe")}})
-    if not rows:
-        return {"status": "missing", "reason": "no finished fold with at least 4 held-out patients"}
-    summary = []
-    for space in ("S", "C"):
-        for var in variables:
-            taus = [r["tau_a"] for r in rows if r["space"] == space and r["variable"] == var and r["tau_a"] is not None]
-            if taus:
-                summary.append({"space": space, "variable": var, "folds": len(taus), "mean_tau_a": float(np.mean(taus)),
-                                "min_tau_a": float(np.min(taus)), "max_tau_a": float(np.max(taus))})
-    return {"status": "ok", "rows": rows, "summary": summary, "permutations": permutations,
-            "note": "per held-out site (fold latent spaces are not aligned, so folds are not pooled)"}
-
-
-def _recovery_maps(run: Run, gt: Path) -> dict:
-    import nibabel as nib
-    from sklearn.metrics import roc_auc_score
-
-    ov_path = run.dir / "maps" / "overlap.nii.gz"
-    reg_path = gt / "specific_regions.nii.gz"
-    if not ov_path.is_file():
-        return {"status": "missing", "reason": "maps/overlap.nii.gz not found"}
-    if not reg_path.is_file():
-        return {"status": "missing", "reason": f"{reg_path} not found"}
-    ov_img = nib.load(str(ov_path))
-    reg_img = nib.load(str(reg_path))
-    if reg_img.shape[:3] != ov_img.shape or not np.allclose(reg_img.affine, ov_img.affine, atol=1e-3):
-        from nilearn.image import resample_to_img
-
-        reg_img = resample_to_img(reg_img, ov_img, interpolation="nearest", force_resample=True, copy_header=True)
-    ov = np.asarray(ov_img.dataobj).astype(float)
-    truth = np.asarray(reg_img.dataobj) > 0
-    mask = np.asarray(run.store.mask) > 0 if run.store is not None and np.shape(run.store.mask) == ov.shape \
-        else np.ones(ov.shape, bool)
-    from dist_decode.maps.overlap import dice
-
-    n_sites = int((_read_json(run.dir / "maps" / "maps.json") or {}).get("n_sites", int(ov.max())))
-    dices = {str(k): dice(ov >= k, truth & mask) for k in range(1, max(n_sites, 1) + 1)}
-    t, y = ov[mask], truth[mask]
-    # Tie-break the integer overlap count by the mean |t| of the site maps, so the AUC ranks within a count.
-    sites_dir = run.dir / "maps" / "sites"
-    tmaps = [np.abs(np.asarray(nib.load(str(p)).dataobj, float)) for p in sorted(sites_dir.glob("*/t.nii.gz"))]
-    score = t + (np.mean(tmaps, axis=0)[mask] / (1 + np.max(tmaps)) if tmaps else 0.0)
-    auc = float(roc_auc_score(y, score)) if 0 < y.sum() < y.size else None
-    out = {"status": "ok", "dice_by_min_sites": dices, "auc": auc, "planted_voxels": int(truth.sum()),
-           "overlap_voxels": int((ov >= 1).sum())}
-    eff = gt / "specific_effect.nii.gz"
-    means = [np.asarray(nib.load(str(p)).dataobj, float) for p in sorted(sites_dir.glob("*/mean_logjac.nii.gz"))]
-    if eff.is_file() and means:
-        e_img = nib.load(str(eff))
-        if e_img.shape[:3] != ov.shape:
-            from nilearn.image import resample_to_img
-
-            e_img = resample_to_img(e_img, ov_img, interpolation="continuous", force_resample=True, copy_header=True)
-        e = np.asarray(e_img.dataobj, float)[mask]
-        m = np.mean(means, axis=0)[mask]
-        if e.std() > 0 and m.std() > 0:
-            out["corr_mean_logjac_vs_planted_effect"] = float(np.corrcoef(e, m)[0, 1])
-    return out
+        return run_recovery(run.dir, run.store, run.sites, run.cfg.seed)
+    except (OSError, ValueError, KeyError) as exc:  # a damaged fold must not sink the whole report
+        log.warning("recovery: %s", exc)
+        return {"status": "missing", "reason": str(exc)}
 
 
 def provenance_section(run: Run) -> dict:
@@ -449,6 +315,7 @@ def input_fingerprint(run_dir: Path) -> str:
             st = p.stat()
             h.update(f"{p.relative_to(run_dir)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     h.update(Path(__file__).read_bytes())
+    h.update((Path(__file__).resolve().parent.parent / "analysis" / "recovery.py").read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -463,7 +330,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
             w.writerows(rows)
 
 
-def build_report(run_dir: str | Path, force: bool = False, recovery_permutations: int = 1000) -> Path:
+def build_report(run_dir: str | Path, force: bool = False) -> Path:
     """Build ``RUN/report/`` and return the path of ``index.html`` (skipped when its inputs are unchanged).
 
     Parameters
@@ -472,8 +339,6 @@ def build_report(run_dir: str | Path, force: bool = False, recovery_permutations
         The run directory.
     force : bool
         Rebuild even if the inputs did not change.
-    recovery_permutations : int
-        Permutations of the ground-truth recovery RSA (synthetic cohorts only).
 
     Raises
     ------
@@ -502,7 +367,7 @@ def build_report(run_dir: str | Path, force: bool = False, recovery_permutations
     data["folds"] = folds_section(run)
     data["rsa"] = rsa_section(run)
     data["maps"] = maps_section(run)
-    data["recovery"] = recovery_section(run, recovery_permutations)
+    data["recovery"] = recovery_section(run)
     data["provenance"] = provenance_section(run)
     missing = list(run.missing)
     missing += [f"fold {s} ({r['status']})" for s in data["folds"]["missing"]
@@ -554,8 +419,9 @@ def build_report(run_dir: str | Path, force: bool = False, recovery_permutations
         _write_csv(out / "dice.csv", [{"site": s, **{t: v for t, v in zip(d["sites"], row)}}
                                       for s, row in zip(d["sites"], d["matrix"])])
     rec = data["recovery"]
-    if rec["status"] == "ok" and rec["rsa"].get("status") == "ok":
-        _write_csv(out / "recovery_rsa.csv", rec["rsa"]["rows"])
+    if rec["status"] == "ok":
+        _write_csv(out / "recovery.csv", rec["goals"])
+        _write_csv(out / "recovery_folds.csv", rec["folds"])
     data["build_s"] = round(time.perf_counter() - start, 2)
     atomic_write_json(out / "report.json", data)
     atomic_write_text(index, render(data, figs))  # last: the stage's completion file

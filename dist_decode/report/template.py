@@ -136,18 +136,27 @@ def render(data: dict, figs: dict[str, bytes]) -> str:
         cfg = m.get("config") or {}
         how = (f"Benjamini-Hochberg FDR q = {cfg.get('fdr_q')}" if cfg.get("threshold") == "fdr" else
                f"sign-flip permutation maxT FWE alpha = {cfg.get('fwe_alpha')} ({cfg.get('permutations')} permutations)")
-        p.append(f"<p>Per held-out site: voxelwise one-sample t-test of the patients' log Jacobian (healthy twin "
-                 f"&rarr; reconstruction, ANTs {esc(cfg.get('syn_transform'))}) thresholded at {esc(how)}; "
-                 f"overlap = number of sites significant (0..{m['n_sites']}), sites: {esc(', '.join(m['sites']))}.</p>")
+        kind = cfg.get("kind") if cfg.get("kind") not in (None, "auto") else "density"
+        what = ("log(recon / twin) in grey-matter density units" if kind == "density" else
+                f"the log Jacobian of ANTs {esc(cfg.get('syn_transform'))} twin &rarr; reconstruction")
+        tested = ("each patient's observed volume against the healthy twin (log(observed / twin))"
+                  if cfg.get("test_on", "deviation") == "deviation" else "the decoded maps")
+        extent = (f"within each significant cluster, the voxels whose mean effect reaches {cfg.get('extent_fraction')} "
+                  "of the cluster's peak" if cfg.get("extent") == "half_max" else "every significant voxel")
+        p.append(f"<p>Per held-out patient: the healthy twin decode(c, 0) against the reconstruction decode(c, s): "
+                 f"{what}. Per held-out site: a voxelwise one-sample test of {tested}, thresholded at {esc(how)}, "
+                 f"keeping {extent}; overlap = number of sites (0..{m['n_sites']}), sites: "
+                 f"{esc(', '.join(m['sites']))}.</p>")
         if m.get("sites_missing_fold"):
             p.append(missing_box("folds not finished: " + ", ".join(m["sites_missing_fold"])))
         p.append(img(figs, "overlap_slices", "overlap heatmap on MNI slices"))
         p.append(img(figs, "overlap_glass", "overlap glass brain"))
         groups = [{"site": s, **{k: v for k, v in g.items() if k in (
-            "status", "n", "method", "level", "t_threshold", "n_significant", "n_negative", "n_positive")}}
+            "status", "n", "method", "level", "t_threshold", "n_significant", "n_kept", "n_kept_negative",
+            "n_kept_positive")}}
             for s, g in (m.get("groups") or {}).items()]
-        p.append("<h3>Per-site group maps</h3>" + table(groups, labels={"n_negative": "atrophy voxels",
-                                                                          "n_positive": "expansion voxels"}))
+        p.append("<h3>Per-site group maps</h3>" + table(groups, labels={"n_kept_negative": "kept: loss",
+                                                                          "n_kept_positive": "kept: gain"}))
         p.append("<h3>Dice between sites</h3>" + img(figs, "dice", "Dice matrix"))
         p.append("<h3>Clusters</h3>" + table(m.get("clusters") or []))
     else:
@@ -157,25 +166,26 @@ def render(data: dict, figs: dict[str, bytes]) -> str:
     rec = data["recovery"]
     p.append("<h2 id='recovery'>Ground-truth recovery (synthetic cohort)</h2>")
     if rec["status"] == "ok":
-        rr = rec["rsa"]
-        if rr.get("status") == "ok":
-            p.append(f"<p>RSA (tau-a, {rr['permutations']} permutations) of the held-out patients' S and C features "
-                     f"with the planted factors, {esc(rr['note'])}. S should track specific_severity and C the "
-                     "common factors.</p>")
-            p.append(table(rr["summary"]))
-            p.append("<details><summary>per fold</summary>" + table(rr["rows"]) + "</details>")
-        else:
-            p.append(missing_box(rr.get("reason", "recovery RSA")))
-        rm = rec["maps"]
-        if rm.get("status") == "ok":
+        p.append(f"<p>Measured on {esc(rec['subjects'])}; the mean over the {len(rec['folds'])} held-out sites. "
+                 "S~specific: Kendall tau-a between the S-space RDM and the RDM of the planted specific factors "
+                 "(likewise S~common, C~common, C~specific); C diagnosis AUC: cross-validated SZ/HC AUC of C within "
+                 "the held-out site; maps: the overlap at the consistent-site threshold (at least half the sites) "
+                 "against the planted regions. The oracle row is the tau between the two planted RDMs themselves: "
+                 "the cross-talk a perfect model would show on these patients.</p>")
+        goals = [{**g, "met": ("met" if g["met"] else "NOT MET") if g["met"] is not None else ""}
+                 for g in rec["goals"]]
+        p.append(table(goals, ["metric", "value", "goal", "met", "folds", "min", "max"]))
+        rm = rec.get("maps")
+        if rm:
             dices = ", ".join(f"&ge;{k} sites: {fmt(v)}" for k, v in rm["dice_by_min_sites"].items())
-            p.append(f"<p>Overlap map vs planted regions ({rm['planted_voxels']} voxels): Dice {dices}; "
-                     f"AUC {fmt(rm['auc'])}"
-                     + (f"; correlation of the mean site log J with the planted effect "
-                        f"{fmt(rm['corr_mean_logjac_vs_planted_effect'])}" if "corr_mean_logjac_vs_planted_effect"
-                        in rm else "") + ".</p>")
+            p.append(f"<p>Overlap map vs planted regions ({rm['planted']} voxels in the mask): at &ge;{rm['threshold']} "
+                     f"sites {rm['flagged']} voxels flagged; Dice {dices}"
+                     + (f"; correlation of the mean decoded effect with the planted effect "
+                        f"{fmt(rm['corr_mean_effect_vs_planted'])}" if rm.get("corr_mean_effect_vs_planted")
+                        is not None else "") + ".</p>")
         else:
-            p.append(missing_box(rm.get("reason", "recovery maps")))
+            p.append(missing_box("maps/overlap.nii.gz or ground_truth/specific_regions.nii.gz not found"))
+        p.append("<details><summary>per held-out site</summary>" + table(rec["folds"]) + "</details>")
     else:
         p.append(f"<p class='note'>{esc(rec['reason'])}</p>")
 

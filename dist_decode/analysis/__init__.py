@@ -1,0 +1,1 @@
+"""Analyses of a finished run: numbers the report renders (recovery of planted truth, ...)."""

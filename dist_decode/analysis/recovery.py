@@ -1,0 +1,308 @@
+"""Recovery of planted truth: how well a run on a synthetic cohort finds what was put in.
+
+For each held-out site (one LOSO fold), on its held-out patients:
+
+* ``S~specific``: Kendall tau-a between the S-space RDM (Euclidean, posterior means) and the RDM of the planted
+  specific factors (``specific_*`` columns of ``ground_truth/scores.tsv``: one severity per factor);
+* ``S~common``: the same against the planted common factors (``common_*`` shape factors and ``age_score``);
+* ``C~common`` and ``C~specific``: the same for C;
+* ``C diagnosis AUC``: cross-validated SZ/HC AUC of a logistic regression on C within the held-out site;
+* the **oracle** ``specific~common``: the same tau between the two truth RDMs themselves. Patients of one small
+  site are not independent draws of both factor sets, so this is the floor that even a perfect model shows as
+  cross-talk (``S~common``, ``C~specific``).
+
+Across sites, the maps: the overlap count at the consistent-site threshold ``ceil(max / 2)`` against
+``ground_truth/specific_regions.nii.gz`` inside the store mask (Dice and flagged / planted volume).
+
+:data:`GOALS` are the targets of issue 9 (docs/science.md); :func:`goal_table` marks each met or not.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.spatial.distance import pdist
+
+from dist_decode.rsa.kendall import tau_a
+
+#: metric -> (comparison, target). ``abs<=`` compares the absolute value.
+GOALS: dict[str, tuple[str, float]] = {
+    "S~specific": (">=", 0.75),
+    "S~common": ("abs<=", 0.05),
+    "C~common": (">=", 0.75),
+    "C~specific": ("abs<=", 0.05),
+    "C diagnosis AUC": ("<=", 0.60),
+    "maps Dice": (">=", 0.6),
+    "maps flagged / planted": ("<=", 3.0),
+}
+MIN_PATIENTS = 4
+
+
+# -- ground truth ------------------------------------------------------------------------------------------------
+def read_truth(gt_dir: str | Path) -> dict[str, Any]:
+    """The planted factors of a synthetic cohort.
+
+    Returns
+    -------
+    dict
+        ``participant_id`` (list), ``specific`` (n, k1), ``common`` (n, k2) float arrays, ``specific_names``,
+        ``common_names``.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        No ``scores.tsv``, or one without ``participant_id`` or without specific / common columns.
+    """
+    path = Path(gt_dir) / "scores.tsv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    cols = list(rows[0]) if rows else []
+    if "participant_id" not in cols:
+        raise ValueError(f"{path}: no participant_id column")
+    spec = [c for c in cols if c.startswith("specific")]
+    com = [c for c in cols if c.startswith("common")] + [c for c in cols if c == "age_score"]
+    if not spec or not com:
+        raise ValueError(f"{path}: needs specific_* and common_* (or age_score) columns; has {cols}")
+
+    def num(v: str) -> float:
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return float("nan")
+
+    return {"participant_id": [r["participant_id"] for r in rows],
+            "specific": np.array([[num(r[c]) for c in spec] for r in rows], float),
+            "common": np.array([[num(r[c]) for c in com] for r in rows], float),
+            "specific_names": spec, "common_names": com}
+
+
+def rdm_tau(features: np.ndarray, factors: np.ndarray) -> float | None:
+    """Kendall tau-a between the Euclidean RDMs of two row-aligned tables (None below 4 rows or no variation)."""
+    features, factors = np.asarray(features, float), np.asarray(factors, float)
+    if features.shape[0] < MIN_PATIENTS or features.shape[1] == 0:
+        return None
+    a, b = pdist(features), pdist(factors)
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return float(tau_a(a, b))
+
+
+def cv_auc(x: np.ndarray, y: np.ndarray, seed: int) -> float | None:
+    """Stratified cross-validated AUC of a standardised logistic regression (None if a class has < 2 cases)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    y = np.asarray(y, bool)
+    k = int(min(5, y.sum(), (~y).sum()))
+    if k < 2 or np.asarray(x).shape[1] == 0:
+        return None
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed % 2**31)
+    score = cross_val_predict(clf, x, y, cv=cv, method="decision_function")
+    return float(roc_auc_score(y, score))
+
+
+def transfer_auc(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray) -> float | None:
+    """AUC on the held-out site of a classifier trained on the training sites' subjects."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if ytr.all() or not ytr.any() or yte.all() or not yte.any() or np.asarray(xtr).shape[1] == 0:
+        return None
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(xtr, ytr)
+    return float(roc_auc_score(yte, clf.decision_function(xte)))
+
+
+# -- per fold ----------------------------------------------------------------------------------------------------
+def fold_recovery(pids: np.ndarray, patient: np.ndarray, c: np.ndarray, s: np.ndarray, truth: dict[str, Any],
+                  seed: int = 0) -> dict[str, Any]:
+    """Recovery metrics of one held-out site (see the module docstring).
+
+    Parameters
+    ----------
+    pids : array of str
+        Held-out subjects.
+    patient : bool array
+    c, s : ndarray (n, dc), (n, ds)
+        Posterior means.
+    truth : dict
+        :func:`read_truth`.
+    seed : int
+        Seed of the cross-validation split.
+    """
+    index = {p: i for i, p in enumerate(truth["participant_id"])}
+    known = np.array([p in index for p in pids])
+    rows = np.array([index[p] for p in np.asarray(pids)[known]], int)
+    patient = np.asarray(patient, bool)[known]
+    c, s = np.asarray(c, float)[known], np.asarray(s, float)[known]
+    spec, com = truth["specific"][rows], truth["common"][rows]
+    p = patient
+    ok = np.isfinite(spec).all(1) & np.isfinite(com).all(1)
+    pp = p & ok
+    out = {"n": int(known.sum()), "n_patients": int(p.sum()),
+           "S~specific": rdm_tau(s[pp], spec[pp]), "S~common": rdm_tau(s[pp], com[pp]),
+           "C~common": rdm_tau(c[pp], com[pp]), "C~specific": rdm_tau(c[pp], spec[pp]),
+           "C~common (all subjects)": rdm_tau(c[ok], com[ok]),
+           "oracle specific~common": rdm_tau(spec[pp], com[pp]),
+           "C diagnosis AUC": cv_auc(c, p, seed), "S diagnosis AUC": cv_auc(s, p, seed)}
+    return out
+
+
+# -- maps --------------------------------------------------------------------------------------------------------
+def maps_recovery(overlap: np.ndarray, truth_mask: np.ndarray, brain_mask: np.ndarray,
+                  mean_effect: np.ndarray | None = None, planted_effect: np.ndarray | None = None) -> dict[str, Any]:
+    """The overlap map against the planted regions (inside the brain mask).
+
+    Returns
+    -------
+    dict
+        ``threshold`` (ceil(max / 2) sites), ``flagged``, ``planted`` voxels, ``maps Dice``,
+        ``maps flagged / planted``, ``dice_by_min_sites``, and ``corr_mean_effect_vs_planted`` when both
+        effect maps are given.
+    """
+    ov = np.asarray(overlap, float)
+    mask = np.asarray(brain_mask, bool)
+    truth = np.asarray(truth_mask, bool) & mask
+    top = int(ov.max())
+    k = max(1, math.ceil(top / 2))
+    flagged = (ov >= k) & mask
+
+    def dice(a: np.ndarray, b: np.ndarray) -> float | None:
+        total = int(a.sum() + b.sum())
+        return None if total == 0 else 2.0 * float((a & b).sum()) / total
+
+    out: dict[str, Any] = {
+        "overlap_max": top, "threshold": k, "flagged": int(flagged.sum()), "planted": int(truth.sum()),
+        "maps Dice": dice(flagged, truth) if top > 0 else 0.0,
+        "maps flagged / planted": float(flagged.sum()) / max(1, int(truth.sum())),
+        "dice_by_min_sites": {str(j): dice((ov >= j) & mask, truth) for j in range(1, max(top, 1) + 1)},
+    }
+    if mean_effect is not None and planted_effect is not None:
+        e, m = np.asarray(planted_effect, float)[mask], np.asarray(mean_effect, float)[mask]
+        out["corr_mean_effect_vs_planted"] = float(np.corrcoef(e, m)[0, 1]) if e.std() > 0 and m.std() > 0 else None
+    return out
+
+
+# -- summary -----------------------------------------------------------------------------------------------------
+def met(metric: str, value: float | None) -> bool | None:
+    """Whether ``value`` meets the goal of ``metric`` (None when undefined)."""
+    if value is None or not np.isfinite(value) or metric not in GOALS:
+        return None
+    op, target = GOALS[metric]
+    if op == ">=":
+        return bool(value >= target)
+    if op == "<=":
+        return bool(value <= target)
+    return bool(abs(value) <= target)
+
+
+def goal_table(folds: list[dict[str, Any]], maps: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One row per goal: the mean over folds (maps: across sites), the goal, met or not, the folds used."""
+    rows = []
+    for metric in ("S~specific", "S~common", "C~common", "C~specific", "C diagnosis AUC"):
+        vals = [f[metric] for f in folds if f.get(metric) is not None]
+        value = float(np.mean(vals)) if vals else None
+        rows.append({"metric": metric, "value": value, "goal": _goal_text(metric), "met": met(metric, value),
+                     "folds": len(vals), "min": float(np.min(vals)) if vals else None,
+                     "max": float(np.max(vals)) if vals else None})
+    oracle = [f["oracle specific~common"] for f in folds if f.get("oracle specific~common") is not None]
+    for metric in ("maps Dice", "maps flagged / planted"):
+        value = (maps or {}).get(metric)
+        rows.append({"metric": metric, "value": value, "goal": _goal_text(metric), "met": met(metric, value),
+                     "folds": (maps or {}).get("sites"), "min": None, "max": None})
+    rows.append({"metric": "oracle specific~common (floor of the cross-talk rows)",
+                 "value": float(np.mean(oracle)) if oracle else None, "goal": "", "met": None,
+                 "folds": len(oracle), "min": None, "max": None})
+    return rows
+
+
+def _goal_text(metric: str) -> str:
+    op, target = GOALS[metric]
+    return {">=": f">= {target:g}", "<=": f"<= {target:g}", "abs<=": f"|.| <= {target:g}"}[op]
+
+
+# -- a run -------------------------------------------------------------------------------------------------------
+def run_recovery(run_dir: str | Path, store, sites: list[str], seed: int) -> dict[str, Any]:
+    """Every recovery metric of a run directory whose store has ground truth.
+
+    Parameters
+    ----------
+    run_dir : path
+    store : dist_decode.data.Store
+        The run's store (``store.ground_truth`` must be set).
+    sites : list of str
+        The LOSO folds (held-out sites) to read, in order; unfinished ones are skipped.
+    seed : int
+        The run's seed (cross-validation splits).
+
+    Returns
+    -------
+    dict
+        ``status``, ``folds`` (per held-out site), ``maps``, ``goals`` (:func:`goal_table`), ``ground_truth``.
+    """
+    import nibabel as nib
+
+    from dist_decode.rsa.io import read_fold
+
+    run_dir = Path(run_dir)
+    gt = store.ground_truth
+    if not gt:
+        return {"status": "not_applicable", "reason": "the cohort has no ground truth (real data)"}
+    try:
+        truth = read_truth(gt)
+    except (FileNotFoundError, ValueError) as exc:
+        return {"status": "missing", "reason": str(exc)}
+    patients = {str(p) for p, pat in zip(store.participant_ids, np.asarray(store.is_patient)) if pat}
+    folds = []
+    for k, site in enumerate(sites):
+        fdir = run_dir / "folds" / site
+        if not (fdir / "DONE").is_file():
+            continue
+        f = read_fold(fdir / "features.h5", use_samples=False)
+        pids = np.asarray(f["participant_id"])
+        patient = np.array([p in patients for p in pids])
+        r = fold_recovery(pids, patient, f["spaces"]["C"], f["spaces"]["S"], truth,
+                          int(np.random.SeedSequence([seed, 4242, k]).generate_state(1)[0]))
+        folds.append({"site": site, **r})
+    maps = None
+    ov_path = run_dir / "maps" / "overlap.nii.gz"
+    reg_path = Path(gt) / "specific_regions.nii.gz"
+    if ov_path.is_file() and reg_path.is_file():
+        ov_img = nib.load(str(ov_path))
+        reg = _on_grid(reg_path, ov_img, "nearest") > 0
+        eff_path = Path(gt) / "specific_effect.nii.gz"
+        means = [np.asarray(nib.load(str(p)).dataobj, float)
+                 for p in sorted((run_dir / "maps" / "sites").glob("*/mean_effect.nii.gz"))]
+        planted = _on_grid(eff_path, ov_img, "continuous") if eff_path.is_file() else None
+        maps = maps_recovery(np.asarray(ov_img.dataobj), reg, np.asarray(store.mask, bool),
+                             np.mean(means, axis=0) if means else None, planted)
+        summary = json.loads((run_dir / "maps" / "maps.json").read_text()) if (
+            run_dir / "maps" / "maps.json").is_file() else {}
+        maps["sites"] = summary.get("n_sites")
+    return {"status": "ok" if folds else "missing", "ground_truth": str(gt), "folds": folds, "maps": maps,
+            "goals": goal_table(folds, maps),
+            "subjects": "held-out patients of each site (C diagnosis AUC: every held-out subject)",
+            "reason": None if folds else "no finished fold"}
+
+
+def _on_grid(path: Path, ref_img, interpolation: str) -> np.ndarray:
+    """A ground-truth image on the grid of ``ref_img`` (resampled with nilearn when the grids differ)."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    if img.shape[:3] != ref_img.shape[:3] or not np.allclose(img.affine, ref_img.affine, atol=1e-3):
+        from nilearn.image import resample_to_img
+
+        img = resample_to_img(img, ref_img, interpolation=interpolation, force_resample=True, copy_header=True)
+    return np.asarray(img.dataobj, float)

@@ -1,0 +1,184 @@
+"""The properties the DECODE-SZ design relies on (docs/science.md), on real modules with random tensors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dist_decode.analysis.recovery import GOALS, goal_table, maps_recovery, met, rdm_tau
+from dist_decode.config import RunConfig, override, profile_config
+from dist_decode.maps.group import half_max_extent
+from dist_decode.model import DecodeSZ, build_model, decode_sz_loss, mmd_unbiased
+from dist_decode.model.loss import eigen_noise_variance
+
+GRID = (17, 19, 15)
+TINY = dict(channels=(4, 8, 8), bottleneck=4, hidden=16, groups=4)
+
+
+def _mask() -> torch.Tensor:
+    m = torch.zeros(GRID, dtype=torch.bool)
+    m[2:-2, 3:-3, 2:-2] = True
+    return m
+
+
+@pytest.mark.parametrize("decoder", ["dense", "conv"])
+def test_decode_c_zero_is_exactly_the_twin_and_the_salient_map_is_the_difference(decoder):
+    torch.manual_seed(0)
+    m = DecodeSZ(GRID, 5, 3, decoder=decoder, mask=_mask(), **TINY)
+    with torch.no_grad():  # a trained-looking salient branch: no parameter is left at its initial zero
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    c, s = torch.randn(4, 5), torch.randn(4, 3)
+    with torch.no_grad():
+        assert torch.count_nonzero(m.salient(torch.zeros(4, 3))) == 0  # exactly zero: no bias anywhere
+        twin = m.decode(c, torch.zeros(4, 3))
+        recon = m.decode(c, s)
+        c2 = torch.randn(4, 5)
+        # the specific map does not depend on c: the same s changes any twin by the same map
+        assert torch.allclose(recon - twin, m.salient(s), atol=1e-5)
+        assert torch.allclose(m.decode(c2, s) - m.decode(c2, torch.zeros(4, 3)), m.salient(s), atol=1e-5)
+        assert not torch.allclose(recon, twin)
+        if decoder == "dense":  # nothing outside the brain mask
+            assert torch.count_nonzero(recon[:, :, ~_mask()]) == 0
+
+
+def test_controls_are_decoded_as_their_twin():
+    torch.manual_seed(1)
+    m = DecodeSZ(GRID, 5, 3, decoder="dense", mask=_mask(), **TINY)
+    with torch.no_grad():
+        for p in m.salient_decoder.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        x = torch.randn(4, 1, *GRID)
+        out = m(x, torch.tensor([True, True, False, False]), torch.Generator().manual_seed(0))
+        # same batch composition as the forward pass, so the same matmul kernels: bitwise equal
+        twin = m.decode(out["c"], torch.zeros(4, 3))
+        assert torch.equal(out["x_hat"][2:], twin[2:])
+        assert torch.equal(out["s_dec"][2:], torch.zeros(2, 3))
+
+
+def test_linear_encoders_are_affine_maps_of_the_volume():
+    torch.manual_seed(2)
+    lin = DecodeSZ(GRID, 5, 3, encoder="linear", **TINY)
+    non = DecodeSZ(GRID, 5, 3, encoder="nonlinear", **TINY)
+    a, b = torch.randn(3, 1, *GRID), torch.randn(3, 1, *GRID)
+    zero = torch.zeros(3, 1, *GRID)
+    with torch.no_grad():
+        for m, affine in ((lin, True), (non, False)):
+            for enc in (m.encode_common, m.encode_specific):
+                lhs = enc(0.3 * a + 0.7 * b)[0]
+                rhs = 0.3 * enc(a)[0] + 0.7 * enc(b)[0]
+                assert torch.allclose(lhs, rhs, atol=1e-4) == affine
+                # and (affine) the map of a sum is the sum of the maps, minus the constant
+                assert torch.allclose(enc(a + b)[0], enc(a)[0] + enc(b)[0] - enc(zero)[0], atol=1e-4) == affine
+
+
+def test_mmd_is_zero_when_the_groups_match_and_grows_with_their_difference():
+    g = torch.Generator().manual_seed(3)
+
+    def mean_mmd(shift: float, scale: float = 1.0, reps: int = 300) -> float:
+        vals = []
+        for _ in range(reps):
+            a = torch.randn(8, 6, generator=g) * scale
+            b = torch.randn(8, 6, generator=g) * scale
+            b[:, 0] += shift * scale
+            vals.append(float(mmd_unbiased(a, b)))
+        return float(np.mean(vals))
+
+    same = mean_mmd(0.0)
+    assert abs(same) < 0.02  # unbiased: no pull towards a collapsed C when the groups already match
+    assert mean_mmd(1.0) > 0.1 > same
+    assert mean_mmd(2.0) > mean_mmd(1.0)
+    # independent of the latents' scale (the kernel width follows the batch)
+    assert abs(mean_mmd(1.0, scale=50.0) - mean_mmd(1.0)) < 0.05
+    assert float(mmd_unbiased(torch.randn(1, 6), torch.randn(5, 6))) == 0.0  # too few to estimate
+
+
+def test_c_matching_term_pulls_patient_and_control_c_together():
+    torch.manual_seed(4)
+    cfg = profile_config("cpu", ["loss.control_s_weight=0"])
+    m = DecodeSZ(GRID, 4, 2, decoder="dense", mask=_mask(), **TINY)
+    x = torch.randn(8, 1, *GRID)
+    patient = torch.tensor([True] * 4 + [False] * 4)
+    out = m(x, patient, torch.Generator().manual_seed(0))
+    out["c_mu"] = out["c_mu"].detach().clone()
+    out["c_mu"][:4, 0] += 3.0  # the patients' C carries "diagnosis"
+    out["c_mu"].requires_grad_(True)
+    total, terms = decode_sz_loss(out, _mask(), cfg.loss, None, noise_var=1.0)
+    off = override(cfg, ['loss.match_c="none"'])
+    total_off, terms_off = decode_sz_loss(out, _mask(), off.loss, None, noise_var=1.0)
+    assert float(terms["match_c"]) > 0.1 and float(terms_off["match_c"]) == 0.0
+    assert float((total - total_off).detach()) == pytest.approx(cfg.loss.match_weight * 8 * float(terms["match_c"]), rel=1e-4)
+    # the matching term's gradient moves the patients' first C coordinate down and the controls' up
+    grad = torch.autograd.grad(total - total_off, out["c_mu"])[0]
+    assert float(grad[:4, 0].sum()) > 0 > float(grad[4:, 0].sum())
+
+
+def test_eigen_noise_level_separates_factors_from_noise():
+    rng = np.random.default_rng(5)
+    n, v, sigma = 60, 4000, 0.5
+    factors = rng.normal(size=(n, 3)) @ rng.normal(size=(3, v)) * 2.0
+    x = torch.from_numpy(factors + rng.normal(0, sigma, (n, v)))
+    level = eigen_noise_variance(x)
+    # white noise of variance sigma^2 in v voxels puts n - 1 eigenvalues near sigma^2 v / (n - 1)
+    assert level == pytest.approx(sigma ** 2 * v / (n - 1), rel=0.15)
+    z = x - x.mean(0)
+    top = np.sort(np.linalg.eigvalsh((z @ z.T / (n - 1)).numpy()))[::-1]
+    assert (top[:3] > 20 * level).all() and top[4] < 1.5 * level  # only the 3 factors are worth a latent
+    # from a subset, rescaled to the whole training set
+    assert eigen_noise_variance(x[:30], 60) == pytest.approx(level, rel=0.25)
+    with pytest.raises(ValueError, match="too few"):
+        eigen_noise_variance(x[:2])
+
+
+def test_half_max_extent_keeps_each_clusters_core():
+    grid = np.indices((40, 20, 20)).astype(float)
+    r1 = np.sqrt((grid[0] - 10) ** 2 + (grid[1] - 10) ** 2 + (grid[2] - 10) ** 2)
+    r2 = np.sqrt((grid[0] - 30) ** 2 + (grid[1] - 10) ** 2 + (grid[2] - 10) ** 2)
+    effect = -1.0 * np.exp(-r1 ** 2 / 18) - 0.3 * np.exp(-r2 ** 2 / 18)  # a strong and a weak loss
+    t = effect * 40
+    significant = np.abs(t) > 1.0  # power reaches far into the tails of both
+    keep = half_max_extent(significant, t, effect, 0.5)
+    half1 = r1 <= np.sqrt(2 * 9 * np.log(2))  # the half-maximum radius of exp(-r^2 / (2 * 9))
+    half2 = r2 <= np.sqrt(2 * 9 * np.log(2))
+    assert keep[half1].all() and keep[half2].all()  # the weak region keeps its own core
+    assert not keep[significant & ~(half1 | half2)].any()
+    assert significant.sum() > 3 * keep.sum()
+    with pytest.raises(ValueError):
+        half_max_extent(significant, t, effect, 1.5)
+
+
+def test_recovery_metrics_and_goals():
+    rng = np.random.default_rng(6)
+    f = rng.normal(size=(20, 2))
+    assert rdm_tau(f @ np.array([[2.0, 0.0], [0.0, 2.0]]), f) == pytest.approx(1.0)  # an isometry up to scale
+    assert abs(rdm_tau(rng.normal(size=(20, 2)), f)) < 0.2
+    assert rdm_tau(f[:3], f[:3]) is None  # too few subjects
+    assert met("S~specific", 0.8) and not met("S~specific", 0.7)
+    assert met("S~common", -0.04) and not met("S~common", -0.06)
+    assert met("C diagnosis AUC", 0.55) and met("maps flagged / planted", 2.0) is True
+    assert met("S~specific", None) is None and set(GOALS) >= {"maps Dice", "C~common"}
+    truth = np.zeros((10, 10, 10), bool)
+    truth[2:5, 2:5, 2:5] = True
+    ov = np.zeros((10, 10, 10), int)
+    ov[2:5, 2:5, 2:5] = 4
+    ov[6:8, 6:8, 6:8] = 1  # one site only: below the consistent-site threshold
+    r = maps_recovery(ov, truth, np.ones_like(truth))
+    assert r["threshold"] == 2 and r["maps Dice"] == 1.0 and r["maps flagged / planted"] == 1.0
+    rows = goal_table([{"S~specific": 0.8, "S~common": 0.0, "C~common": 0.7, "C~specific": 0.1,
+                        "C diagnosis AUC": 0.5, "oracle specific~common": 0.02}], r)
+    verdict = {row["metric"]: row["met"] for row in rows}
+    assert verdict["S~specific"] and not verdict["C~common"] and not verdict["C~specific"] and verdict["maps Dice"]
+
+
+def test_profiles_share_the_methods():
+    gpu, cpu = RunConfig(), profile_config("cpu")
+    for sec, keys in (("data", ("proportional_scaling", "smooth_fwhm_mm", "site_gain", "site_center")),
+                      ("model", ("encoder", "route")),
+                      ("loss", ("noise", "match_c", "control_s_weight", "gamma_tc"))):
+        for k in keys:
+            assert getattr(getattr(gpu, sec), k) == getattr(getattr(cpu, sec), k), f"{sec}.{k}"
+    assert gpu.model.decoder == "conv" and cpu.model.decoder == "dense"
+    with pytest.raises(ValueError, match="unknown profile"):
+        profile_config("tpu")
+    m = build_model(cpu, GRID, mask=_mask(), voxel_mm=3.0)
+    assert m.enc_grid == (8, 10, 8)  # the encoders see a 6 mm resampling of the 3 mm grid
