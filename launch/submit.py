@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_decode.cli import setup_logging
+from dist_decode.config import PROFILES, RunConfig, override, profile_config
 from dist_decode.fsutil import atomic_write_json
 from launch import slurmctl
 from launch.runner import StageJob
@@ -73,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m launch.submit", description=__doc__.split("\n\n")[0])
     p.add_argument("--store", required=True, help="packed store (data_prep.pack output)")
     p.add_argument("--run-dir", required=True, help="run directory (created if missing)")
-    p.add_argument("--config", help="RunConfig JSON passed to every fold (--config of dist_decode.train)")
+    p.add_argument("--config", help="RunConfig JSON of the run (written to RUN/config.json, which every stage reads)")
+    p.add_argument("--profile", choices=sorted(PROFILES),
+                   help="named settings for a new run (default gpu: full grid; cpu: cohorts at 3-4 mm on CPU)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SEC.FIELD=VALUE",
                    help="config override passed to every fold; repeatable")
     add_scheduling_args(p)
@@ -412,22 +415,47 @@ def launch(store: Path, run_dir: Path, opts: argparse.Namespace, train_args: lis
     return 1
 
 
+def run_config(run_dir: Path, config: str | None, profile: str | None, overrides: list[str]) -> RunConfig:
+    """The run's one config: ``--config`` or ``--profile`` (default gpu) plus ``--set`` for a new run; an existing
+    ``RUN/config.json`` otherwise (a run keeps one config: asking for other settings is refused).
+
+    Raises
+    ------
+    ValueError, FileNotFoundError
+        A missing ``--config`` file, or settings that differ from the run's existing config (naming the fields).
+    """
+    if config and profile:
+        raise ValueError("give --config or --profile, not both")
+    if config:
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"--config {config}: no such file")
+        wanted = override(RunConfig.from_json(config), overrides)
+    else:
+        wanted = profile_config(profile or "gpu", overrides)
+    existing = run_dir / "config.json"
+    if not existing.is_file():
+        return wanted
+    have = RunConfig.from_json(existing)
+    if (config or profile or overrides) and have.to_dict() != wanted.to_dict():
+        a, b = have.to_dict(), wanted.to_dict()
+        diff = [f"{sec}.{k}" for sec in a if isinstance(a[sec], dict) for k in a[sec] if a[sec][k] != b[sec].get(k)]
+        raise ValueError(f"{existing} exists with other settings ({', '.join(diff) or 'seed'}); a run keeps one "
+                         "config: use a new --run-dir, or drop --config/--profile/--set to continue this run")
+    return have
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    train_args: list[str] = []
-    if args.config:
-        if not Path(args.config).is_file():
-            print(f"error: --config {args.config}: no such file", file=sys.stderr)
-            return 2
-        train_args += ["--config", str(Path(args.config).absolute())]
-    elif (Path(args.run_dir) / "config.json").is_file():
-        # a run keeps one config: later submissions train the remaining folds with it
-        train_args += ["--config", str((Path(args.run_dir) / "config.json").absolute())]
-    for item in args.overrides:
-        train_args += ["--set", item]
+    run_dir = Path(args.run_dir).absolute()
     try:
-        return launch(Path(args.store), Path(args.run_dir), args, train_args)
+        cfg = run_config(run_dir, args.config, args.profile, args.overrides)
+        cfg_path = run_dir / "config.json"
+        if not args.dry_run and not cfg_path.is_file():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.to_json(cfg_path)
+            log.info("wrote the run's config %s", cfg_path)
+        return launch(Path(args.store), run_dir, args, ["--config", str(cfg_path)])
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

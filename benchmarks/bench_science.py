@@ -1,0 +1,219 @@
+"""Science benchmark: recovery of planted truth, per method change and per planted cohort.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_science.py --workdir /tmp/science
+
+For every (cohort, variant) pair it synthesizes and packs the cohort (``data_prep.synth`` preset and seed), runs
+the real pipeline on it (``python -m launch.submit --profile cpu --set ... --folds all --cluster local``: every
+LOSO fold, the maps, the RSA and the report) and reads the recovery metrics of the run
+(:func:`dist_decode.analysis.recovery.run_recovery`): S~specific, S~common, C~common, C~specific, the C diagnosis
+AUC (means over the 8 held-out sites) and the maps' Dice and flagged / planted volume. Map variants re-run only
+the maps stage on a copy of the full run's folds. Results go to ``WORKDIR/science.json`` (appended run by run, so
+an interrupted benchmark resumes) and a Markdown table is printed (docs/science.md shows it).
+
+Variants (``--variants``, default all): ``full`` (the cpu profile), one change off (or on) at a time, the plain
+VAE, the 2022 anchor, and the previous defaults. Cohorts (``--cohorts``): the demo and the planted variants
+``density``, ``sites``, ``small`` and ``two-factor`` (data_prep.synth presets), each with its own seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+#: cohort -> (synth preset, seed)
+COHORTS = {"demo": ("demo", 0), "density": ("density", 1), "sites": ("sites", 2), "small": ("small", 3),
+           "two-factor": ("two-factor", 4)}
+
+#: variant -> (what it changes, training --set overrides, maps --set overrides); None = maps-only variant.
+VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
+    "full": ("the cpu profile: every method on", [], []),
+    "no TIV scaling": ("data.proportional_scaling none", ['data.proportional_scaling="none"'], []),
+    "no smoothing": ("data.smooth_fwhm_mm 0", ["data.smooth_fwhm_mm=0"], []),
+    "no site normalisation": ("data.site_gain, site_center off", ["data.site_gain=false", "data.site_center=false"],
+                              []),
+    "nonlinear encoders": ("model.encoder nonlinear (GroupNorm + SiLU)", ['model.encoder="nonlinear"'], []),
+    "fixed noise": ("loss.noise fixed (summed squared error, the old recon term)", ['loss.noise="fixed"'], []),
+    "no control-S penalty": ("loss.control_s_weight 0", ["loss.control_s_weight=0"], []),
+    "no C matching": ("loss.match_c none", ['loss.match_c="none"'], []),
+    "+ TC term": ("loss.gamma_tc 10 (FactorVAE discriminator)", ["loss.gamma_tc=10"], []),
+    "500 steps": ("train.steps 500", ["train.steps=500"], []),
+    "maps: test the decoded effect": ("maps.test_on effect (the recon-vs-twin maps themselves)", None,
+                                      ['maps.test_on="effect"']),
+    "maps: every significant voxel": ("maps.extent significant (no half-maximum extent)", None,
+                                      ['maps.extent="significant"']),
+    "maps: FDR": ("maps.threshold fdr (q 0.05) instead of FWE", None, ['maps.threshold="fdr"']),
+    "maps: SyN Jacobian": ("maps.kind jacobian (SyN twin -> recon / observed)", None, ['maps.kind="jacobian"']),
+    "maps: variance smoothing 8 mm": ("maps.variance_smoothing_mm 8 (SnPM pseudo-t)", None,
+                                      ["maps.variance_smoothing_mm=8"]),
+    "noise scale 1": ("loss.noise_scale 1 (the median eigenvalue itself)", ["loss.noise_scale=1"], []),
+    "plain VAE": ("model.name vae: one encoder, same blocks and size (its one space is shown as C and as S)",
+                  ['model.name="vae"', 'loss.match_c="none"', "loss.control_s_weight=0"], []),
+    "anchor 2022": ("the published CVAE at 64^3 on raw volumes, 150 steps (15 s per step on one core)",
+                    ['model.name="anchor2022"', "data.grid=[64,64,64]", 'data.proportional_scaling="none"',
+                     "data.smooth_fwhm_mm=0", "data.site_gain=false", "data.site_center=false",
+                     'model.route="joint"', "train.steps=150", "train.checkpoint_every=50"], []),
+    "previous defaults": ("before issue 9: raw volumes at 40x48x40, nonlinear joint decoder, 200 steps",
+                          ["data.grid=[40,48,40]", 'data.proportional_scaling="none"', "data.smooth_fwhm_mm=0",
+                           "data.site_gain=false", "data.site_center=false", 'model.encoder="nonlinear"',
+                           'model.route="joint"', 'model.decoder="conv"', 'model.output="softplus"',
+                           "model.channels=[8,16,32]", "model.hidden=64", 'loss.noise="fixed"',
+                           "loss.control_s_weight=1", "loss.gamma_tc=10", 'loss.match_c="none"', "train.steps=200",
+                           "train.batch_size=4", 'train.precision="bf16"', "train.checkpoint_every=100"],
+                          ['maps.kind="jacobian"', 'maps.test_on="effect"', 'maps.extent="significant"',
+                           'maps.threshold="fdr"', "maps.syn_iterations=[40,20,0]", "maps.syn_flow_sigma=3"]),
+}
+METRICS = ("S~specific", "S~common", "C~common", "C~specific", "C diagnosis AUC", "maps Dice",
+           "maps flagged / planted")
+
+
+def sh(cmd: list[str], log: Path) -> None:
+    """Run a command, its output to ``log``; raise with the log's tail on failure."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as fh:
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    if rc != 0:
+        tail = log.read_text().splitlines()[-15:]
+        raise RuntimeError(f"{' '.join(cmd)} failed ({rc}); {log}:\n" + "\n".join(tail))
+
+
+def prepare(work: Path, cohort: str) -> Path:
+    """Synthesize and pack a cohort once; returns the store."""
+    preset, seed = COHORTS[cohort]
+    cdir, store = work / "cohorts" / cohort, work / "stores" / cohort
+    py = sys.executable
+    if not (cdir / "participants.tsv").is_file():
+        sh([py, "-m", "data_prep.synth", "--out", str(cdir), "--preset", preset, "--seed", str(seed),
+            "--no-progress"], work / "logs" / f"synth-{cohort}.log")
+    if not (store / "manifest.json").is_file():
+        sh([py, "-m", "data_prep.pack", "--cat12-root", str(cdir), "--participants", str(cdir / "participants.tsv"),
+            "--out", str(store)], work / "logs" / f"pack-{cohort}.log")
+    return store
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()
+
+
+def run_variant(work: Path, cohort: str, variant: str, store: Path) -> dict:
+    """Run one (cohort, variant) and return its recovery metrics.
+
+    Everything runs in subprocesses (the pipeline's own CLIs, ``python -m dist_decode.analysis`` for the
+    metrics), so this long-running benchmark reads every run with the code that wrote it.
+    """
+    _, train_sets, maps_sets = VARIANTS[variant]
+    py = sys.executable
+    log = work / "logs" / f"{cohort}-{slug(variant)}.log"
+    t0 = time.time()
+    if train_sets is None:  # a maps variant: the full run's folds, the maps stage again with other settings
+        base = work / "runs" / cohort / "full"
+        if not (base / "report" / "index.html").is_file():
+            raise RuntimeError(f"maps variant {variant!r} needs the full run of {cohort} first")
+        run = work / "runs" / cohort / slug(variant)
+        if run.exists():
+            shutil.rmtree(run)
+        run.mkdir(parents=True)
+        for name in ("folds", "manifest.json", "normalisation.h5"):
+            if (base / name).exists():
+                (run / name).symlink_to(base / name)
+        sets = ", ".join(repr(s) for s in maps_sets)
+        sh([py, "-c", "from dist_decode.config import RunConfig, override; "
+            f"override(RunConfig.from_json({str(base / 'config.json')!r}), [{sets}]).to_json({str(run / 'config.json')!r})"],
+           log)
+        sh([py, "-m", "dist_decode.maps", "--run-dir", str(run), "--no-progress"], log)
+    else:
+        run = work / "runs" / cohort / slug(variant)
+        sets = [a for s in train_sets + maps_sets + ["rsa.permutations=200", "rsa.block_size=100"] for a in ("--set", s)]
+        sh([py, "-m", "launch.submit", "--store", str(store), "--run-dir", str(run), "--profile", "cpu", *sets,
+            "--folds", "all", "--cluster", "local", "--max-parallel", str(os.cpu_count() or 1)], log)
+    wall = time.time() - t0
+    sh([py, "-m", "dist_decode.analysis", "--run-dir", str(run)], log)
+    rec = json.loads((run / "analysis" / "recovery.json").read_text())
+    if rec["status"] != "ok":
+        raise RuntimeError(f"{run}: recovery {rec['status']}: {rec.get('reason')}")
+    values = {g["metric"]: g["value"] for g in rec["goals"]}
+    model = json.loads((run / "config.json").read_text())["model"]["name"]
+    if model == "vae":  # one latent space: it is both "S" and "C"
+        values["S~specific"] = values["C~specific"]
+        values["S~common"] = values["C~common"]
+    folds = sorted(p.parent.name for p in (run / "folds").glob("*/DONE"))
+    done = json.loads((run / "folds" / folds[0] / "DONE").read_text())
+    return {"cohort": cohort, "variant": variant, "what": VARIANTS[variant][0], "run": str(run),
+            "n_parameters": done.get("n_parameters"), "steps": done.get("steps"), "wall_s": round(wall, 1),
+            "fold_wall_s": [json.loads((run / "folds" / s / "DONE").read_text()).get("wall_s") for s in folds],
+            "metrics": {m: values.get(m) for m in METRICS},
+            "oracle": values.get("oracle specific~common (floor of the cross-talk rows)"),
+            "corr_mean_effect_vs_planted": (rec.get("maps") or {}).get("corr_mean_effect_vs_planted")}
+
+
+def table(results: list[dict]) -> str:
+    """Markdown table of the results (one row per run)."""
+    from dist_decode.analysis.recovery import GOALS, met  # pure functions: safe in a long-running process
+
+    head = "| cohort | variant | parameters | " + " | ".join(METRICS) + " | oracle spec~com | min/fold |"
+    goal = "| | **goal** | | " + " | ".join(
+        {">=": "≥ ", "<=": "≤ ", "abs<=": "\\|.\\| ≤ "}[GOALS[m][0]] + f"{GOALS[m][1]:g}" for m in METRICS) + " | | |"
+    lines = [head, "|" + "---|" * (len(METRICS) + 5), goal]
+    for r in results:
+        cells = []
+        for m in METRICS:
+            v = r["metrics"].get(m)
+            if v is None:
+                cells.append("–")
+                continue
+            ok = met(m, v)
+            cells.append(f"{'**' if ok else ''}{v:.2f}{'**' if ok else ''}")
+        fw = [w for w in r.get("fold_wall_s") or [] if w]
+        lines.append(f"| {r['cohort']} | {r['variant']} | {r['n_parameters']:,} | " + " | ".join(cells)
+                     + f" | {r['oracle']:.2f} | {sum(fw) / max(1, len(fw)) / 60:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", type=Path, required=True, help="cohorts, stores, runs and science.json go here")
+    ap.add_argument("--cohorts", default="demo", help=f"comma-separated, from {sorted(COHORTS)} (default demo)")
+    ap.add_argument("--variants", default="all", help="comma-separated variant names (default: all)")
+    ap.add_argument("--table-only", action="store_true", help="print the table of WORKDIR/science.json and stop")
+    args = ap.parse_args(argv)
+    work = args.workdir.absolute()
+    out = work / "science.json"
+    results = json.loads(out.read_text()) if out.is_file() else []
+    if args.table_only:
+        print(table(results))
+        return 0
+    cohorts = [c.strip() for c in args.cohorts.split(",") if c.strip()]
+    variants = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(",")]
+    for name in cohorts + variants:
+        if name not in COHORTS and name not in VARIANTS:
+            ap.error(f"unknown cohort or variant {name!r}")
+    for cohort in cohorts:
+        store = prepare(work, cohort)
+        for variant in variants:
+            if any(r["cohort"] == cohort and r["variant"] == variant for r in results):
+                continue
+            print(f"== {cohort} / {variant}", flush=True)
+            try:
+                r = run_variant(work, cohort, variant, store)
+            except RuntimeError as exc:
+                print(f"   failed: {exc}", flush=True)
+                continue
+            results.append(r)
+            out.write_text(json.dumps(results, indent=1))
+            m = r["metrics"]
+            print("   " + ", ".join(f"{k} {v:.3f}" for k, v in m.items() if v is not None and math.isfinite(v))
+                  + f" ({r['wall_s'] / 60:.1f} min)", flush=True)
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
