@@ -80,7 +80,8 @@ def test_run_mode_outputs_and_rerun(tiny_store: Path, tmp_path: Path):
     for site in store.sites:
         at = store.site_of == site
         age = {r["space"]: r for r in rows if r["scope"] == site and r["variable"] == "age"}
-        assert age["C"]["n"] == int((at & np.isfinite(ph["age"])).sum())
+        assert age["C"]["n"] == int((at & np.isfinite(ph["age"])).sum())  # C: every held-out subject
+        assert age["S"]["n"] == int((at & store.is_patient & np.isfinite(ph["age"])).sum())  # S: patients only
         panss = [r for r in rows if r["scope"] == site and r["variable"] == "panss_total"]
         n_panss = int((at & store.is_patient & np.isfinite(ph["panss_total"])).sum())
         assert all(r["n"] == n_panss for r in panss)  # patients only (controls have no PANSS anyway)
@@ -108,6 +109,12 @@ def test_run_mode_outputs_and_rerun(tiny_store: Path, tmp_path: Path):
     again = rsa_cli("--run-dir", str(run))
     assert again.returncode == 0 and (run / "rsa" / "rsa.json").stat().st_mtime_ns == mtime
     assert "already done" in again.stderr
+    # --patients-only-spaces '' analyses S over everyone again
+    every = rsa_cli("--run-dir", str(run), "--force", "--patients-only-spaces", "")
+    assert every.returncode == 0, every.stderr
+    rows2 = json.loads((run / "rsa" / "rsa.json").read_text())["results"]
+    s_age = next(r for r in rows2 if r["scope"] == store.sites[0] and r["space"] == "S" and r["variable"] == "age")
+    assert s_age["n"] == int(((store.site_of == store.sites[0]) & np.isfinite(ph["age"])).sum())
     forced = rsa_cli("--run-dir", str(run), "--force", "--use-samples")
     assert forced.returncode == 0, forced.stderr
     assert json.loads((run / "rsa" / "rsa.json").read_text())["config"]["use_samples"] is True

@@ -218,3 +218,60 @@ def test_sigterm_stops_workers_and_resume_completes(tmp_path):
     assert len(list(out.glob("sub-*/mri/mwp1*.nii.gz"))) == 40 and (out / "participants.tsv").is_file()
     for p in out.glob("sub-*/mri/mwp1*.nii.gz"):
         assert np.isfinite(np.asarray(nib.load(p).dataobj)).all()
+
+
+def test_planted_variants_density_places_sizes_and_factors(tmp_path):
+    """The variant cohorts differ from the demo in kind, place and size of the effect and in the site effects."""
+    p = synth.resolve_preset("density", voxel_mm=8.0)
+    assert p.specific_kind == "density" and p.specific_regions == "random" and p.site_gain_sd == 0.1
+    sites = synth._sites_table(p, np.random.default_rng(0))
+    subjects = synth._subjects_table(p, sites, np.random.default_rng(1), np.random.default_rng(2))
+    f = synth.build_fields(p, sites, seed=3)
+    assert len(f.specific) == 1 and isinstance(f.specific[0], anatomy.DensityBasis)
+    blobs = f.specific_blobs[0]
+    assert len(blobs) == 6 and all(b.name.startswith("random region") for b in blobs)
+    for a in blobs:  # distinct places
+        for b in blobs:
+            if a is not b:
+                assert np.linalg.norm(np.subtract(a.center, b.center)) > 2 * (a.sigma + b.sigma)
+    # A density loss is in place: same deformation (wj_), density lower by exactly exp(sev * log_density)
+    patient = next(s for s in subjects if s["diagnosis"] == "SZ")
+    healthy = {**patient, "specific": [0.0], "specific_severity": 0.0}
+    flat = {**sites[0], "smooth_fwhm_mm": 0.0, "noise_sd": 0.0, "bias_amplitude": 0.0}
+    f.bias[flat["site"]] = np.ones(f.shape, np.float32)
+    vol_p, jac_p = synth.render_subject(f, patient, flat, 0, 0)
+    vol_h, jac_h = synth.render_subject(f, healthy, flat, 0, 0)
+    np.testing.assert_array_equal(jac_p, jac_h)
+    inside = vol_h > 1e-3
+    ratio = np.log(vol_p[inside] / vol_h[inside])
+    np.testing.assert_allclose(ratio, patient["specific"][0] * f.specific[0].log_density[inside], atol=1e-4)
+    assert ratio.min() < -0.1
+    # Two factors: regions dealt to factors, one severity each, and a score column per factor
+    p2 = synth.resolve_preset("two-factor", voxel_mm=8.0)
+    subj2 = synth._subjects_table(p2, synth._sites_table(p2, np.random.default_rng(0)), np.random.default_rng(1),
+                                  np.random.default_rng(2))
+    sz = [s for s in subj2 if s["diagnosis"] == "SZ"]
+    assert all(len(s["specific"]) == 2 and min(s["specific"]) > 0 for s in sz)
+    assert abs(np.corrcoef([s["specific"][0] for s in sz], [s["specific"][1] for s in sz])[0, 1]) < 0.3
+    # Smaller effects: widths scaled
+    small = synth.build_fields(synth.resolve_preset("small", voxel_mm=8.0), sites, seed=3)
+    assert all(6.0 * 0.6 <= b.sigma <= 11.0 * 0.6 for b in small.specific_blobs[0])
+    with pytest.raises(ValueError, match="specific_kind"):
+        synth.resolve_preset("demo", specific_kind="texture")
+    with pytest.raises(ValueError, match="n_specific"):
+        synth.resolve_preset("demo", n_specific=9)
+
+
+def test_variant_ground_truth_files(tmp_path):
+    out = synth.synthesize(tmp_path / "c", preset="tiny", seed=1, voxel_mm=12.0, sites=2, subjects_per_site=4,
+                           progress=False, n_jobs=1, specific_kind="density", specific_regions="random",
+                           n_specific_regions=4, n_specific=2)
+    gt = out / "ground_truth"
+    rows = _table(gt / "scores.tsv")
+    assert "specific_1" in rows[0] and "specific_2" in rows[0] and "specific_severity" not in rows[0]
+    total = np.asarray(nib.load(gt / "specific_effect.nii.gz").dataobj)
+    parts = [np.asarray(nib.load(gt / f"specific_effect_{k}.nii.gz").dataobj) for k in (1, 2)]
+    np.testing.assert_allclose(total, parts[0] + parts[1], atol=1e-6)
+    assert (np.asarray(nib.load(gt / "specific_regions.nii.gz").dataobj) > 0).any()
+    readme = (gt / "README.md").read_text()
+    assert "density ratio" in readme and "factor 2:" in readme
