@@ -137,7 +137,7 @@ def run_variant(work: Path, cohort: str, variant: str, store: Path) -> dict:
             "--folds", "all", "--cluster", "local", "--max-parallel", str(os.cpu_count() or 1)], log)
     wall = time.time() - t0
     sh([py, "-m", "dist_decode.analysis", "--run-dir", str(run)], log)
-    rec = json.loads((run / "analysis" / "recovery.json").read_text())
+    rec = json.loads((run / "analysis" / "analysis.json").read_text())["recovery"]
     if rec["status"] != "ok":
         raise RuntimeError(f"{run}: recovery {rec['status']}: {rec.get('reason')}")
     values = {g["metric"]: g["value"] for g in rec["goals"]}

@@ -70,15 +70,16 @@ def base_gm(voxel_mm: float) -> np.ndarray:
     ndarray, float32, shape of :func:`cat12_grid`
         GM density (fraction of the voxel), read-only.
     """
+    from nibabel.affines import voxel_sizes
     from nilearn.datasets import load_mni152_gm_template
     from scipy import ndimage
 
     shape, affine = cat12_grid(voxel_mm)
     img = load_mni152_gm_template(resolution=1)
     data = np.asarray(img.get_fdata(dtype=np.float32))
-    src_vox = float(abs(img.affine[0, 0]))
-    sigma = max(voxel_mm**2 - src_vox**2, 0.0) ** 0.5 / 2.3548 / src_vox
-    if sigma > 0.3:
+    src_vox = voxel_sizes(img.affine)
+    sigma = [max(voxel_mm**2 - v**2, 0.0) ** 0.5 / 2.3548 / v for v in src_vox]
+    if max(sigma) > 0.3:
         data = ndimage.gaussian_filter(data, sigma, mode="constant")
     xyz = world_coords(shape, affine).reshape(3, -1).astype(np.float64)
     ijk = np.linalg.solve(img.affine, np.vstack([xyz, np.ones((1, xyz.shape[1]))]))[:3]

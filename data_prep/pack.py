@@ -17,7 +17,6 @@ unchanged is kept on re-run, so an interrupted run resumes. The manifest is writ
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import hashlib
 import json
 import logging
@@ -31,13 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from nibabel.affines import voxel_sizes
 
 from data_prep import ingest
-from dist_decode.fsutil import atomic_path, atomic_write_json
+from dist_decode import provenance
+from dist_decode.contracts.store import SCHEMA_VERSION
+from dist_decode.fsutil import atomic_path, atomic_write_json, read_json
 
 log = logging.getLogger("data_prep.pack")
 
-SCHEMA_VERSION = 1
 CODECS = ("blosc-lz4", "gzip", "none")
 DTYPES = ("float32", "float16")
 FLOAT16_MAX = 65504.0
@@ -202,7 +203,7 @@ def plan(cat12_root: Path, participants: Path, opts: PackOptions) -> Plan:
     shape, affine = ingest.reference_grid(headers)
     if len(shape) != 3:
         raise ValueError(f"the mwp1 files are not 3-D volumes (shape {shape})")
-    log.info("cohort grid %s, voxel %.3g mm", shape, abs(affine[0, 0]))
+    log.info("cohort grid %s, voxel %s mm", shape, "x".join(f"{v:.3g}" for v in voxel_sizes(affine)))
 
     xml: dict[str, tuple[float, float]] = {}
     unrated: list[str] = []
@@ -355,7 +356,7 @@ def _write_shard(p: Plan, shard: dict[str, Any], opts: PackOptions, path: Path, 
             h5.create_dataset("volume_sum", data=vsum, compression="gzip")
             h5.attrs["affine"] = p.affine
             h5.attrs["shape"] = np.asarray(X)
-            h5.attrs["voxel_mm"] = float(abs(p.affine[0, 0]))
+            h5.attrs["voxel_mm"] = float(np.mean(voxel_sizes(p.affine)))
             h5.attrs["site"] = shard["site"]
             h5.attrs["schema_version"] = SCHEMA_VERSION
             h5.attrs["codec"] = opts.codec
@@ -363,7 +364,7 @@ def _write_shard(p: Plan, shard: dict[str, Any], opts: PackOptions, path: Path, 
             h5.attrs["float16_max_error"] = f16_err
             h5.attrs["excluded"] = json.dumps(excluded)
             h5.attrs["plan_hash"] = shard["plan_hash"]
-            h5.attrs["created"] = _now()
+            h5.attrs["created"] = provenance.now_utc()
     return {"n": len(kept), "excluded": excluded, "float16_max_error": f16_err}
 
 
@@ -384,10 +385,6 @@ def _reuse_shard(path: Path, plan_hash: str) -> dict[str, Any] | None:
             }
     except Exception:  # a damaged leftover: rewrite it
         return None
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def pack(
@@ -515,9 +512,9 @@ def pack(
     f16 = max((r["float16_max_error"] for r in records), default=0.0)
     manifest = {
         "schema_version": SCHEMA_VERSION,
-        "created": _now(),
+        "created": provenance.now_utc(),
         "tool": "data_prep.pack",
-        "versions": _versions(),
+        "versions": {**provenance.versions(("h5py", "hdf5plugin", "nibabel", "numpy")), "hdf5": _hdf5_version()},
         "sources": {
             "cat12_root": str(root),
             "participants": str(participants.resolve()),
@@ -525,7 +522,7 @@ def pack(
         },
         "options": asdict(opts),
         "ground_truth": str(gt) if gt.is_dir() else None,
-        "grid": {"shape": list(p.shape), "affine": np.asarray(p.affine).tolist(), "voxel_mm": float(abs(p.affine[0, 0]))},
+        "grid": {"shape": list(p.shape), "affine": np.asarray(p.affine).tolist(), "voxel_mm": float(np.mean(voxel_sizes(p.affine)))},
         "labels": {"diagnosis_column": "diagnosis", "site_column": "site",
                    "patient": opts.patient_label, "control": opts.control_label},
         "sites": sites,
@@ -546,7 +543,7 @@ def pack(
         "qc": {"min_iqr_rating": opts.min_iqr_rating, "unrated": p.unrated},
         "mask": {"file": "mask.nii.gz", "threshold": opts.mask_threshold, "n_voxels": int(mask.sum())},
     }
-    old = _read_json(out / "manifest.json")
+    old = read_json(out / "manifest.json")
     if old is not None and {**old, "created": None} == json.loads(json.dumps({**manifest, "created": None})):
         manifest["created"] = old["created"]  # nothing changed: keep the file (and its hash) as it is
         log.info("store %s is up to date", out)
@@ -562,20 +559,12 @@ def pack(
     return manifest
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
-def _versions() -> dict[str, str]:
+def _hdf5_version() -> str:
     import h5py
-    import hdf5plugin
-    import nibabel
 
-    return {"h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version, "hdf5plugin": hdf5plugin.version,
-            "nibabel": nibabel.__version__, "numpy": np.__version__}
+    return h5py.version.hdf5_version
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from data_prep import anatomy
-from dist_decode.fsutil import atomic_path, atomic_write_json, atomic_write_text
+from dist_decode.fsutil import atomic_write_json, atomic_write_text, save_nifti
 
 log = logging.getLogger("data_prep.synth")
 
@@ -459,18 +459,6 @@ def render_subject(f: Fields, subj: dict[str, Any], site: dict[str, Any], seed: 
 # ---------------------------------------------------------------------------------------------
 # Writers
 # ---------------------------------------------------------------------------------------------
-
-
-def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
-    """Write a float32 NIfTI atomically with an MNI sform/qform, as CAT12 does."""
-    import nibabel as nib
-
-    img = nib.Nifti1Image(np.asarray(data), affine)
-    img.header.set_xyzt_units("mm")
-    img.set_sform(affine, code=4)
-    img.set_qform(affine, code=4)
-    with atomic_path(path) as tmp:
-        nib.save(img, tmp)
 
 
 def cat_xml(subj: dict[str, Any], gm_ml: float) -> str:

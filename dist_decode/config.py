@@ -13,9 +13,15 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 from dist_decode.fsutil import atomic_write_text
+
+
+def _require(where: str, ok: bool, what: str) -> None:
+    """Raise ValueError naming the field when a range check fails."""
+    if not ok:
+        raise ValueError(f"config.{where}: {what}")
 
 
 @dataclass
@@ -50,11 +56,18 @@ class DataConfig:
     val_fraction: float = 0.15
     num_workers: int = 0
     grid: tuple[int, int, int] | None = None
-    proportional_scaling: str = "tiv"
+    proportional_scaling: Literal["tiv", "gm", "none"] = "tiv"
     smooth_fwhm_mm: float = 8.0
     site_gain: bool = True
     site_center: bool = True
-    cache: str = "auto"
+    cache: Literal["auto", "memory", "none"] = "auto"
+
+    def __post_init__(self) -> None:
+        _require("data.val_fraction", 0.0 <= self.val_fraction < 1.0, f"{self.val_fraction} must be in [0, 1)")
+        _require("data.num_workers", self.num_workers >= 0, f"{self.num_workers} must be >= 0")
+        _require("data.grid", self.grid is None or (len(self.grid) == 3 and min(self.grid) >= 4),
+                 f"{self.grid} must be null or three sizes >= 4")
+        _require("data.smooth_fwhm_mm", self.smooth_fwhm_mm >= 0, f"{self.smooth_fwhm_mm} must be >= 0")
 
 
 @dataclass
@@ -102,21 +115,34 @@ class ModelConfig:
         ``joint``: one decoder of ``[c, s]`` (the 2022 design).
     """
 
-    name: str = "decode_sz"
+    name: Literal["decode_sz", "vae", "anchor2022"] = "decode_sz"
     latent_common: int = 16
     latent_specific: int = 16
     channels: tuple[int, ...] = (16, 32, 64, 96, 128)
     hidden: int = 256
     bottleneck: int = 16
     norm_groups: int = 8
-    output: str = "linear"
+    output: Literal["linear", "softplus"] = "linear"
     input_scale: float = 0.0
     discriminator_hidden: int = 64
-    encoder: str = "linear"
+    encoder: Literal["linear", "nonlinear"] = "linear"
     encoder_voxel_mm: float = 0.0
-    decoder: str = "conv"
-    decoder_activation: str = "linear"
-    route: str = "additive"
+    decoder: Literal["dense", "conv"] = "conv"
+    decoder_activation: Literal["linear", "silu"] = "linear"
+    route: Literal["additive", "joint"] = "additive"
+
+    def __post_init__(self) -> None:
+        for name in ("latent_common", "latent_specific", "hidden", "bottleneck", "norm_groups",
+                     "discriminator_hidden"):
+            _require(f"model.{name}", getattr(self, name) >= 1, f"{getattr(self, name)} must be >= 1")
+        _require("model.channels", len(self.channels) >= 1 and min(self.channels) >= 1,
+                 f"{self.channels} must be one or more positive widths")
+        _require("model.input_scale", self.input_scale >= 0, f"{self.input_scale} must be >= 0 (0 = estimate)")
+        _require("model.encoder_voxel_mm", self.encoder_voxel_mm >= 0, f"{self.encoder_voxel_mm} must be >= 0")
+        _require("model.decoder", not (self.decoder == "dense" and self.route == "joint"),
+                 "'dense' needs model.route 'additive' (a dense joint decoder is the same linear map)")
+        _require("model.output", self.output == "linear" or self.route == "joint",
+                 f"{self.output!r} exists for model.route 'joint' only (the additive branches are linear)")
 
 
 @dataclass
@@ -162,15 +188,21 @@ class LossConfig:
     gamma_tc: float = 0.0
     control_s_weight: float = 10.0
     disc_lr: float = 1e-4
-    kind: str = "auto"
-    recon: str = "sum"
+    kind: Literal["auto", "decode_sz", "anchor2022"] = "auto"
+    recon: Literal["sum", "mean"] = "sum"
     control_s_prior_std: float = 0.1
     anchor_gamma: float = 100.0
     anchor_disc_scale_by_gamma: bool = False
-    noise: str = "eigen"
+    noise: Literal["eigen", "fixed"] = "eigen"
     noise_scale: float = 0.5
-    match_c: str = "mmd"
+    match_c: Literal["mmd", "none"] = "mmd"
     match_weight: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("beta", "gamma_tc", "control_s_weight", "match_weight", "anchor_gamma"):
+            _require(f"loss.{name}", getattr(self, name) >= 0, f"{getattr(self, name)} must be >= 0")
+        for name in ("disc_lr", "control_s_prior_std", "noise_scale"):
+            _require(f"loss.{name}", getattr(self, name) > 0, f"{getattr(self, name)} must be > 0")
 
 
 @dataclass
@@ -213,16 +245,26 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.0
-    precision: str = "auto"
-    zero_stage: int = 1
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    zero_stage: Literal[0, 1, 2] = 1
     gradient_clipping: float = 1.0
     checkpoint_every: int = 200
     log_every: int = 20
     feature_samples: int = 10
     warmup_steps: int = 0
-    lr_schedule: str = "constant"
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     keep_checkpoints: int = 2
     val_every: int = 0
+
+    def __post_init__(self) -> None:
+        _require("train.steps", self.steps >= 1, f"{self.steps} must be >= 1")
+        _require("train.batch_size", self.batch_size >= 2 and self.batch_size % 2 == 0,
+                 f"{self.batch_size} must be even and >= 2 (half patients, half controls)")
+        _require("train.lr", self.lr > 0, f"{self.lr} must be > 0")
+        for name in ("weight_decay", "gradient_clipping", "warmup_steps", "val_every"):
+            _require(f"train.{name}", getattr(self, name) >= 0, f"{getattr(self, name)} must be >= 0")
+        for name in ("checkpoint_every", "log_every", "feature_samples", "keep_checkpoints"):
+            _require(f"train.{name}", getattr(self, name) >= 1, f"{getattr(self, name)} must be >= 1")
 
 
 @dataclass
@@ -260,15 +302,23 @@ class RSAConfig:
         "sex:categorical",
         "education_years:continuous",
     )
-    distance: str = "euclidean"
+    distance: Literal["euclidean", "correlation"] = "euclidean"
     permutations: int = 10000
     block_size: int = 500
-    fwe: str = "maxT"
-    alternative: str = "two-sided"
+    fwe: Literal["maxT", "minP"] = "maxT"
+    alternative: Literal["two-sided", "greater", "less"] = "two-sided"
     within_site: bool = True
     use_samples: bool = False
     patients_only: tuple[str, ...] = ("panss_total",)
     patients_only_spaces: tuple[str, ...] = ("S",)
+
+    def __post_init__(self) -> None:
+        _require("rsa.permutations", self.permutations >= 1, f"{self.permutations} must be >= 1")
+        _require("rsa.block_size", self.block_size >= 1, f"{self.block_size} must be >= 1")
+        for v in self.variables:
+            name, _, kind = v.partition(":")
+            _require("rsa.variables", bool(name) and kind in ("continuous", "categorical"),
+                     f"{v!r} must be 'column:continuous' or 'column:categorical'")
 
 
 @dataclass
@@ -343,14 +393,14 @@ class MapsConfig:
     fdr_q: float = 0.05
     workers: int = 0
     n_samples: int = 10
-    threshold: str = "fwe"
+    threshold: Literal["fdr", "fwe"] = "fwe"
     fwe_alpha: float = 0.05
     permutations: int = 1000
     smooth_fwhm_mm: float = 0.0
     min_patients: int = 3
-    syn_transform: str = "SyNOnly"
+    syn_transform: Literal["SyNOnly", "SyN"] = "SyNOnly"
     syn_iterations: tuple[int, ...] = (40, 20, 10)
-    syn_metric: str = "mattes"
+    syn_metric: Literal["mattes", "CC", "meansquares"] = "mattes"
     syn_flow_sigma: float = 2.0
     syn_total_sigma: float = 0.0
     decode_batch: int = 4
@@ -358,11 +408,23 @@ class MapsConfig:
     cluster_min_voxels: int = 5
     atlases: tuple[str, ...] = ("aal", "neuromorphometrics")
     save_volumes: bool = False
-    kind: str = "auto"
-    test_on: str = "deviation"
-    extent: str = "half_max"
+    kind: Literal["auto", "density", "jacobian"] = "auto"
+    test_on: Literal["deviation", "effect"] = "deviation"
+    extent: Literal["half_max", "significant"] = "half_max"
     extent_fraction: float = 0.5
     variance_smoothing_mm: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require("maps.fdr_q", 0 < self.fdr_q < 1, f"{self.fdr_q} must be in (0, 1)")
+        _require("maps.fwe_alpha", 0 < self.fwe_alpha < 1, f"{self.fwe_alpha} must be in (0, 1)")
+        _require("maps.extent_fraction", 0 < self.extent_fraction < 1, f"{self.extent_fraction} must be in (0, 1)")
+        for name in ("workers", "smooth_fwhm_mm", "syn_flow_sigma", "syn_total_sigma", "variance_smoothing_mm"):
+            _require(f"maps.{name}", getattr(self, name) >= 0, f"{getattr(self, name)} must be >= 0")
+        for name in ("n_samples", "permutations", "min_patients", "decode_batch", "cluster_min_sites",
+                     "cluster_min_voxels"):
+            _require(f"maps.{name}", getattr(self, name) >= 1, f"{getattr(self, name)} must be >= 1")
+        _require("maps.syn_iterations", len(self.syn_iterations) >= 1 and min(self.syn_iterations) >= 0,
+                 f"{self.syn_iterations} must be one or more iteration counts >= 0")
 
 
 @dataclass
@@ -470,6 +532,7 @@ def override(cfg: RunConfig, assignments: list[str]) -> RunConfig:
 
 
 def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``, checking every field's type and choices (errors name the field)."""
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -479,13 +542,50 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
         raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        value = data[f.name]
-        hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            value = _from_dict(hint, value, f"{where}.{f.name}")
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[f.name] = value
-    return cls(**kwargs)
+        if f.name in data:
+            kwargs[f.name] = _coerce(hints[f.name], data[f.name], f"{where}.{f.name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - every field has a default
+        raise ValueError(f"{where}: {exc}") from exc
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    """``value`` checked against the type ``hint`` (JSON lists become tuples, ints are accepted as floats)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _from_dict(hint, value, where)
+    if origin is Literal:
+        if value not in args or type(value) is bool and not any(a is value for a in args):
+            raise ValueError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{k}]") for k, v in enumerate(value))
+        if len(value) != len(args):
+            raise ValueError(f"{where}: expected {len(args)} values, got {list(value)}")
+        return tuple(_coerce(a, v, f"{where}[{k}]") for k, (a, v) in enumerate(zip(args, value)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value

@@ -22,9 +22,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+from dist_decode.contracts import store as store_contract
+
 BLOSC_FILTER_ID = 32001
-_REQUIRED_KEYS = ("schema_version", "grid", "sites", "shards", "counts", "columns", "labels")
 
 
 class Store:
@@ -60,27 +60,8 @@ class Store:
         ValueError
             The manifest is not valid JSON, lacks a required key, or has another schema version.
         """
-        path = Path(path)
-        if path.name == "manifest.json":
-            path = path.parent
-        mpath = path / "manifest.json"
-        if not mpath.is_file():
-            raise FileNotFoundError(
-                f"no store at {path}: {mpath} not found (build one with python -m data_prep.pack)"
-            )
-        try:
-            manifest = json.loads(mpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"damaged store manifest {mpath}: {exc}") from exc
-        if not isinstance(manifest, dict):
-            raise ValueError(f"damaged store manifest {mpath}: not a JSON object")
-        missing = [k for k in _REQUIRED_KEYS if k not in manifest]
-        if missing:
-            raise ValueError(f"damaged store manifest {mpath}: missing key(s) {missing}")
-        if manifest["schema_version"] != SCHEMA_VERSION:
-            raise ValueError(
-                f"store {path} has schema_version {manifest['schema_version']}, this reader reads {SCHEMA_VERSION}"
-            )
+        manifest = store_contract.read_manifest(path)
+        path = store_contract.manifest_path(path).parent
         for s in manifest["shards"]:
             if not (path / s["file"]).is_file():
                 raise FileNotFoundError(f"store {path}: shard {s['file']} listed in the manifest is missing")
@@ -176,6 +157,16 @@ class Store:
     def site_of(self) -> np.ndarray:
         """Site of each subject (str, global row order)."""
         return self._site_of
+
+    @property
+    def ineligible(self) -> dict[str, str]:
+        """Site -> reason, for the sites that cannot be held out (they train every fold)."""
+        return store_contract.ineligible_sites(self.manifest)
+
+    @property
+    def fold_sites(self) -> list[str]:
+        """The sites that are LOSO folds, in fold order."""
+        return store_contract.fold_sites(self.manifest)
 
     @property
     def ground_truth(self) -> Path | None:
@@ -364,9 +355,8 @@ def loso_split(store: Store, fold: int, val_fraction: float = 0.15, seed: int = 
         raise ValueError(f"val_fraction {val_fraction} must be in [0, 1)")
     fold = int(fold)
     site = sites[fold]
-    for entry in store.manifest.get("loso_ineligible", []):
-        if entry["site"] == site:
-            raise ValueError(f"fold {fold}: site {site!r} cannot be a LOSO test site: {entry['reason']}")
+    if site in store.ineligible:
+        raise ValueError(f"fold {fold}: site {site!r} cannot be a LOSO test site: {store.ineligible[site]}")
     test_mask = store.site_of == site
     if not (store.is_patient[test_mask].any() and (~store.is_patient[test_mask]).any()):
         raise ValueError(f"fold {fold}: site {site!r} cannot be a LOSO test site: it lacks patients or controls")

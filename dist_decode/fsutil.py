@@ -38,6 +38,34 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
 
 
+def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+    """The JSON content of ``path``, or ``default`` when it is missing or unreadable (a file cut by a crash)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def save_nifti(path: str | os.PathLike, data: Any, affine: Any) -> None:
+    """Write a NIfTI volume atomically: float32 (integer arrays keep their type), mm units, MNI sform/qform.
+
+    The sform/qform code 4 (MNI152) is what CAT12 writes, so FSLeyes and MRIcroGL show the images in MNI space.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    arr = np.asarray(data)
+    if not np.issubdtype(arr.dtype, np.integer):
+        arr = arr.astype(np.float32)
+    affine = np.asarray(affine, float)
+    img = nib.Nifti1Image(arr, affine)
+    img.header.set_xyzt_units("mm")
+    img.set_sform(affine, code=4)
+    img.set_qform(affine, code=4)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+
+
 def _jsonable(obj: Any) -> Any:
     import numpy as np
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from dist_decode.cli import setup_logging
 from dist_decode.config import RunConfig, profile_config
-from launch.submit import add_scheduling_args, launch
+from dist_decode.contracts.run import RunDir, bind, config_diff
+from launch.submit import INTERRUPTED, add_scheduling_args, launch
 
 log = logging.getLogger("launch.demo")
 
@@ -87,24 +88,20 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir).absolute()
     try:
         prepare_data(Path(args.cohort).absolute(), Path(args.store).absolute(), args.preset, args.seed)
-        cfg_path = run_dir / "config.json"
+        run = RunDir(run_dir)
         cfg = demo_config(args.overrides)
-        if cfg_path.is_file():
-            old = RunConfig.from_json(cfg_path)
-            if args.overrides and old.to_dict() != cfg.to_dict():
-                raise ValueError(f"{cfg_path} exists with other settings; --set applies to a new --run-dir only")
-            log.info("using the run's existing %s", cfg_path)
-        else:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.to_json(cfg_path)
-            log.info("wrote the demo config %s", cfg_path)
-        rc = launch(Path(args.store), run_dir, args, ["--config", str(cfg_path)])
+        if run.config_path.is_file():
+            diff = config_diff(run.config(), cfg)
+            if diff:
+                raise ValueError(f"{run.config_path} exists with other settings ({'; '.join(diff)}); the demo "
+                                 "settings and --set apply to a new --run-dir")
+            log.info("using the run's existing %s", run.config_path)
+        bind(run, Path(args.store).absolute(), cfg, created_by="launch.demo")
+        rc = launch(Path(args.store), run_dir, args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        from launch.submit import INTERRUPTED
-
         print(INTERRUPTED, file=sys.stderr)
         return 130
     minutes = (time.monotonic() - t0) / 60

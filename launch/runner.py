@@ -1,18 +1,23 @@
-"""What a submitted job executes: one stage command, started the way its cluster expects.
+"""What a job executes: one stage command, started the way its cluster expects, with the one time-limit mechanism.
 
-:class:`StageJob` is the callable submitit pickles. It only assembles and runs the stage's command line
-(the very command ``slurm/*.sh`` runs); the science is in the ``dist_decode`` entry points.
+Both routes run stages through :func:`run_stage`: the submitit route (:class:`StageJob`, the callable submitit
+pickles) and the plain ``sbatch slurm/*.sh`` route (``exec python -m launch.runner --name N -- CMD...``).
 
-- ``mode="slurm"`` (submitit with ``use_srun=False``, the callable runs in the batch step): torch ranks start
-  with ``srun --ntasks N`` (the trainer reads ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``), MPI ranks
-  with ``srun --mpi=pmi2 --ntasks N``. SLURM signals every process of the job on preemption or
-  ``scontrol requeue``, so the trainer checkpoints by itself and the requeued job resumes.
+Time limit (SLURM ``--signal=B:USR1@T``): the warning reaches the batch process, which sends SIGUSR1 to the stage
+(``srun`` forwards it to every rank), waits until the stage has checkpointed and exited (at most
+:data:`CHECKPOINT_GRACE_S`), then requeues the job with ``scontrol requeue``; the requeued job re-runs the same
+command and the stage resumes (finished stages are no-ops). Preemption and ``scontrol requeue`` by hand send
+SIGTERM to every process of the job, and the stage checkpoints by itself.
+
+- ``mode="slurm"``: torch ranks start with ``srun --ntasks N`` (the trainer reads ``SLURM_PROCID`` /
+  ``SLURM_NTASKS`` / ``SLURM_LOCALID``), MPI ranks with ``srun --mpi=pmi2 --ntasks N``.
 - ``mode="local"`` (submitit's local executor): a fold job has one submitit task per rank; each exports
   ``TorchDistributedEnvironment`` and runs the trainer. MPI ranks start with the venv's ``mpiexec -n N``.
   SIGTERM/SIGUSR1 sent to the task are forwarded to the stage process.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -23,9 +28,10 @@ from pathlib import Path
 
 import submitit
 
-
 #: Seconds a stage may take to checkpoint after the time-limit warning before the job is requeued anyway.
 CHECKPOINT_GRACE_S = 90
+#: The time-limit warning both routes ask SLURM for (``--signal=B:USR1@T``).
+WARNING_SIGNAL = signal.SIGUSR1
 
 
 class StageFailed(RuntimeError):
@@ -43,19 +49,65 @@ def mpiexec_path() -> str:
     return found
 
 
-def _threads_env(env: dict[str, str]) -> dict[str, str]:
-    # Oversubscribed OpenMP threads make small-machine steps 10-40x slower; one thread per rank unless the
-    # user chose otherwise.
+def threads_env(env: dict[str, str]) -> dict[str, str]:
+    """One OpenMP/BLAS thread per rank unless the user chose otherwise (oversubscription: 10-40x slower)."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(var, "1")
     return env
 
 
-class StageJob(submitit.helpers.Checkpointable):
-    """Run one stage command; checkpointable, so submitit requeues it on timeout/preemption.
+def requeue_self() -> None:
+    """``scontrol requeue`` this SLURM job (this array task for array jobs)."""
+    env = os.environ
+    job = (f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" if env.get("SLURM_ARRAY_TASK_ID")
+           else env.get("SLURM_JOB_ID"))
+    if not job:
+        raise StageFailed("time limit near but this is not a SLURM job: nothing to requeue")
+    print(f"[launch] requeueing job {job}: the stage resumes from its checkpoint", flush=True)
+    subprocess.run(["scontrol", "requeue", job], check=False)
 
-    Requeueing re-runs the same command; the trainer resumes from its latest checkpoint and finished stages
-    are no-ops, so no state needs to be carried over.
+
+def run_stage(name: str, cmd: list[str], env: dict[str, str], on_slurm: bool) -> int:
+    """Run ``cmd`` to its end; returns its exit status (see the module docstring for signals).
+
+    On SLURM the time-limit warning makes the stage checkpoint and the job requeue itself; locally SIGTERM and
+    SIGUSR1 are forwarded to the stage.
+    """
+    print(f"[launch] {name}: {' '.join(cmd)}", flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+    warned: list[float] = []
+    previous = {}
+
+    def on_warning(signum, _frame):  # noqa: ANN001 - signal handler signature
+        if on_slurm:
+            print(f"[launch] {name}: time limit near: SIGUSR1 -> checkpoint, then requeue", flush=True)
+            warned.append(time.monotonic())
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGUSR1 if on_slurm else signum)
+
+    for sig in ((WARNING_SIGNAL,) if on_slurm else (signal.SIGTERM, signal.SIGUSR1)):
+        previous[sig] = signal.signal(sig, on_warning)
+    try:
+        while True:  # wait in slices: a signal handler must not wait on the child itself (Popen lock)
+            try:
+                rc = proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                if warned and time.monotonic() - warned[0] > CHECKPOINT_GRACE_S:
+                    print(f"[launch] {name}: still running {CHECKPOINT_GRACE_S} s after SIGUSR1; requeueing anyway",
+                          flush=True)
+                    rc = None
+                    break
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if warned and rc != 0:
+        requeue_self()
+    return -1 if rc is None else rc
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """Run one stage command under submitit (checkpointable: a requeued job re-runs the same command).
 
     Parameters
     ----------
@@ -96,7 +148,7 @@ class StageJob(submitit.helpers.Checkpointable):
         return list(self.argv)
 
     def __call__(self) -> str:
-        env = _threads_env(dict(os.environ))
+        env = threads_env(dict(os.environ))
         if self.mode == "local":
             # A launcher started inside an allocation must not make local ranks believe they are SLURM tasks.
             for key in [k for k in env if k.startswith("SLURM_")]:
@@ -106,44 +158,7 @@ class StageJob(submitit.helpers.Checkpointable):
                 env.update({k: os.environ[k] for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
                                                        "LOCAL_RANK", "LOCAL_WORLD_SIZE") if k in os.environ})
         cmd = self.command()
-        print(f"[launch] {self.name}: {' '.join(cmd)}", flush=True)
-        proc = subprocess.Popen(cmd, env=env)
-        previous = {}
-        if self.mode == "local":
-            def forward(signum, _frame):  # noqa: ANN001 - signal handler signature
-                if proc.poll() is None:
-                    proc.send_signal(signum)
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                previous[sig] = signal.signal(sig, forward)
-        else:
-            submitit_handler = signal.getsignal(signal.SIGUSR2)
-
-            def checkpoint_first(signum, frame):  # noqa: ANN001 - signal handler signature
-                # The time-limit warning (--signal=B:USR2@T) reaches only this batch step. Let the stage
-                # checkpoint first (srun forwards SIGUSR1 to every rank); submitit requeues once it has exited
-                # (below). Otherwise the ranks would get only SLURM's SIGTERM and KillWait (often 30 s) to save.
-                print(f"[launch] {self.name}: time limit near: SIGUSR1 -> checkpoint, then requeue", flush=True)
-                warned.append((signum, frame, time.monotonic()))
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGUSR1)
-            warned: list = []
-            previous[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, checkpoint_first)
-        try:
-            while True:  # wait in slices: a signal handler must not wait on the child itself (Popen lock)
-                try:
-                    rc = proc.wait(timeout=1.0)
-                    break
-                except subprocess.TimeoutExpired:
-                    if self.mode == "slurm" and warned and time.monotonic() - warned[0][2] > CHECKPOINT_GRACE_S:
-                        print(f"[launch] {self.name}: still running {CHECKPOINT_GRACE_S} s after SIGUSR1; requeueing anyway",
-                              flush=True)
-                        rc = None
-                        break
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        if self.mode == "slurm" and warned and rc != 0 and callable(submitit_handler):
-            submitit_handler(warned[0][0], warned[0][1])  # checkpoint (re-run this job) + scontrol requeue + exit
+        rc = run_stage(self.name, cmd, env, on_slurm=self.mode == "slurm")
         if rc != 0:
             raise StageFailed(f"stage {self.name}: command exited with status {rc}: {' '.join(cmd)}")
         if self.done and not Path(self.done).exists() and (self.mode == "slurm" or _rank0()):
@@ -153,3 +168,21 @@ class StageJob(submitit.helpers.Checkpointable):
 
 def _rank0() -> bool:
     return os.environ.get("SUBMITIT_LOCAL_GLOBALID", "0") == "0"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m launch.runner --name N -- CMD...``: run a stage command the way the submitit route does."""
+    p = argparse.ArgumentParser(prog="python -m launch.runner", description=main.__doc__.split("\n")[0],
+                                epilog="Used by slurm/*.sh (exec'd, so the batch process receives SLURM's "
+                                       "--signal=B:USR1@T time-limit warning).")
+    p.add_argument("--name", required=True, help="stage name, for messages")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="the stage command (after --)")
+    args = p.parse_args(argv)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        p.error("no command given (put it after --)")
+    return run_stage(args.name, cmd, threads_env(dict(os.environ)), on_slurm="SLURM_JOB_ID" in os.environ)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

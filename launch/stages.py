@@ -1,23 +1,24 @@
 """The stage graph of a run: which entry point each job calls, what it waits for, when it is finished.
 
 The launcher computes no science: every stage is one ``python -m dist_decode.<stage>`` command (the same
-command the ``slurm/*.sh`` scripts run), a completion file (docs/architecture.md) and the stages it
+command the ``slurm/*.sh`` scripts run), a completion file (:mod:`dist_decode.contracts.run`) and the stages it
 depends on::
 
-    fold-K (one per LOSO fold)  ->  maps-K  ->  maps (overlap)  ->  report
+    fold-K (one per LOSO fold)  ->  maps-K  ->  maps (overlap)  ->  analysis  ->  report
                                 \\-> rsa (MPI, all folds) ---------/
 
-A stage whose module is not installed yet is *unavailable*: the launcher skips it (and whatever needs it)
-with a clear message instead of failing.
+With ``maps_split="subject"`` the maps' per-subject work is instead split over ``maps_jobs`` jobs by subject
+(``--stage jacobians --shard K/N``) after all folds, then one combining job.
 """
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from dist_decode.contracts import store as store_contract
+from dist_decode.contracts.run import RunDir
 
 #: Stage kinds in pipeline order, with the module each one runs.
 MODULES = {
@@ -25,6 +26,7 @@ MODULES = {
     "maps_fold": "dist_decode.maps",
     "maps": "dist_decode.maps",
     "rsa": "dist_decode.rsa",
+    "analysis": "dist_decode.analysis",
     "report": "dist_decode.report",
 }
 
@@ -74,88 +76,16 @@ class Stage:
         return [python or sys.executable, "-m", self.module, *self.args]
 
 
-_OPTIONS_CACHE: dict[str, frozenset[str]] = {}
-
-
-def cli_options(module: str) -> frozenset[str]:
-    """The ``--long`` options listed by ``python -m module --help`` (empty when it does not run).
-
-    Used to follow the stage CLIs as they evolve (e.g. whether ``dist_decode.maps`` can run per fold).
-    """
-    if module not in _OPTIONS_CACHE:
-        import re
-        import subprocess
-
-        try:
-            out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
-            _OPTIONS_CACHE[module] = frozenset(re.findall(r"(--[a-z][a-z0-9-]*)", out.stdout))
-        except (OSError, subprocess.TimeoutExpired):
-            _OPTIONS_CACHE[module] = frozenset()
-    return _OPTIONS_CACHE[module]
-
-
-def maps_options() -> frozenset[str]:
-    """Options of the maps CLI (empty while ``dist_decode.maps`` is not installed)."""
-    return cli_options(MODULES["maps"]) if module_available(MODULES["maps"]) else frozenset()
-
-
-def module_available(module: str) -> bool:
-    """Whether ``module`` (e.g. ``dist_decode.maps``) can be run with ``python -m``."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return False
-    if spec is None:
-        return False
-    if spec.submodule_search_locations is not None:  # a package runs through its __main__
-        try:
-            return importlib.util.find_spec(module + ".__main__") is not None
-        except ImportError:
-            return False
-    return True
-
-
 def read_store_sites(store: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
-    """Fold order and ineligible sites of a packed store.
-
-    Returns
-    -------
-    sites : list of str
-        ``sites[k]`` is held out by fold ``k``.
-    ineligible : dict
-        Site -> reason, for sites that cannot be held out (``manifest["loso_ineligible"]``).
+    """Fold order and the sites that cannot be held out (site -> reason) of a packed store.
 
     Raises
     ------
-    FileNotFoundError
-        When ``STORE/manifest.json`` does not exist.
-    ValueError
-        When the manifest has no usable ``sites`` list.
+    FileNotFoundError, ValueError
+        From :func:`dist_decode.contracts.store.read_manifest`.
     """
-    manifest_path = Path(store) / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(
-            f"{manifest_path}: no store manifest; pack a cohort first "
-            "(python -m data_prep.pack --cat12-root COHORT --participants COHORT/participants.tsv --out STORE)"
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{manifest_path}: not valid JSON ({exc})") from None
-    sites = manifest.get("sites")
-    if not isinstance(sites, list) or not sites or not all(isinstance(s, str) for s in sites):
-        raise ValueError(f"{manifest_path}: 'sites' must be a non-empty list of site names, got {sites!r}")
-    raw = manifest.get("loso_ineligible") or []
-    ineligible: dict[str, str] = {}
-    if isinstance(raw, dict):
-        ineligible = {str(k): str(v) for k, v in raw.items()}
-    else:
-        for item in raw:
-            if isinstance(item, dict):
-                ineligible[str(item.get("site"))] = str(item.get("reason", "not eligible"))
-            else:
-                ineligible[str(item)] = "not eligible"
-    return list(sites), ineligible
+    manifest = store_contract.read_manifest(store)
+    return list(manifest["sites"]), store_contract.ineligible_sites(manifest)
 
 
 def parse_folds(spec: str, sites: list[str], ineligible: dict[str, str]) -> list[int]:
@@ -205,7 +135,7 @@ def build_plan(
     tasks_per_fold: int = 1,
     rsa_ranks: int = 2,
     train_args: list[str] | None = None,
-    per_fold_maps: bool = True,
+    maps_split: str = "fold",
     maps_jobs: int = 2,
     maps_cpus: int = 1,
     subset: bool = False,
@@ -225,19 +155,22 @@ def build_plan(
     rsa_ranks : int
         MPI ranks of the RSA job.
     train_args : list of str
-        Extra trainer arguments (``--config FILE``, ``--set sec.field=v`` ...), identical for every fold.
-    per_fold_maps : bool
-        Split the maps stage: one job per fold (when ``dist_decode.maps`` takes ``--fold``) or ``maps_jobs``
-        registration shards (when it takes ``--stage``/``--shard``), then the combining job; else one job.
+        Extra trainer arguments (``--config FILE`` ...), identical for every fold.
+    maps_split : {"fold", "subject", "none"}
+        ``fold``: one maps job per fold, pipelined behind it, then the combining job; ``subject``: the per-subject
+        maps of all folds split over ``maps_jobs`` jobs, then the combining job; ``none``: one maps job.
     maps_jobs : int
-        Registration shards when the maps CLI shards by subject.
+        Jobs of the ``subject`` split.
     maps_cpus : int
-        Cores per maps job (passed as ``--workers`` when the maps CLI has it).
+        Cores per maps job (its registration workers).
     subset : bool
         ``folds`` is a deliberate selection, not every eligible fold: the RSA analyses just those.
     """
+    if maps_split not in ("fold", "subject", "none"):
+        raise ValueError(f"maps split {maps_split!r}: expected 'fold', 'subject' or 'none'")
     store = Path(store).absolute()
-    run = Path(run_dir).absolute()
+    rundir = RunDir(Path(run_dir).absolute())
+    run = rundir.path
     train_args = list(train_args or [])
     stages: list[Stage] = []
     fold_names = []
@@ -247,13 +180,13 @@ def build_plan(
         stages.append(Stage(
             name=name, kind="fold", fold=k, ntasks=max(1, tasks_per_fold),
             args=["--store", str(store), "--fold", str(k), "--run-dir", str(run), *train_args],
-            done=run / "folds" / sites[k] / "DONE",
+            done=rundir.completion("fold", sites[k]),
         ))
-    maps_cli = maps_options()
-    workers = ["--workers", str(max(1, maps_cpus))] if "--workers" in maps_cli else []
-    maps_deps = list(fold_names)
+    workers = ["--workers", str(max(1, maps_cpus))]
+    maps_done = rundir.completion("maps")
     combine_args = ["--run-dir", str(run), *workers]
-    if "--fold" in maps_cli and per_fold_maps:
+    maps_deps = list(fold_names)
+    if maps_split == "fold":
         # per-fold parts pipelined behind their fold, then the combining step
         maps_deps = []
         for k in folds:
@@ -261,59 +194,30 @@ def build_plan(
             stages.append(Stage(name=f"maps-{k}", kind="maps_fold", fold=k, deps=[f"fold-{k}"],
                                 args=["--run-dir", str(run), "--fold", str(k), *workers],
                                 # no completion file of its own in the contract: its job's exit status counts
-                                done=run / "maps" / "overlap.nii.gz"))
+                                done=maps_done))
         combine_args.append("--combine")
-    elif "--shard" in maps_cli and "--stage" in maps_cli and per_fold_maps and maps_jobs > 1:
-        # the registrations of all folds split over maps_jobs jobs, then the group step
+    elif maps_split == "subject":
+        # the per-subject maps of all folds split over maps_jobs jobs, then the group step
         maps_deps = []
-        for k in range(maps_jobs):
+        n = max(1, maps_jobs)
+        for k in range(n):
             maps_deps.append(f"maps-{k}")
             stages.append(Stage(name=f"maps-{k}", kind="maps_fold", deps=list(fold_names),
-                                args=["--run-dir", str(run), "--stage", "jacobians", "--shard", f"{k}/{maps_jobs}",
-                                      *workers],
-                                done=run / "maps" / "overlap.nii.gz"))
+                                args=["--run-dir", str(run), "--stage", "jacobians", "--shard", f"{k}/{n}", *workers],
+                                done=maps_done))
         combine_args += ["--stage", "group"]
-    stages.append(Stage(name="maps", kind="maps", deps=maps_deps, args=combine_args,
-                        done=run / "maps" / "overlap.nii.gz"))
-    rsa_args = ["--run-dir", str(run)]
-    if module_available(MODULES["rsa"]) and "--expect-ranks" in cli_options(MODULES["rsa"]):
-        # a wrong PMI silently gives N singletons instead of one N-rank world: let the RSA refuse that
-        rsa_args += ["--expect-ranks", str(max(1, rsa_ranks))]
-    if subset and module_available(MODULES["rsa"]) and "--allow-missing-folds" in cli_options(MODULES["rsa"]):
+    stages.append(Stage(name="maps", kind="maps", deps=maps_deps, args=combine_args, done=maps_done))
+    # a wrong PMI silently gives N singletons instead of one N-rank world: the RSA refuses that
+    rsa_args = ["--run-dir", str(run), "--expect-ranks", str(max(1, rsa_ranks))]
+    if subset:
         rsa_args.append("--allow-missing-folds")  # the user chose these folds: analyse them, not all sites
     stages.append(Stage(name="rsa", kind="rsa", deps=list(fold_names), ntasks=max(1, rsa_ranks), mpi=True,
-                        args=rsa_args, done=run / "rsa" / "rsa.json"))
-    stages.append(Stage(name="report", kind="report", deps=["maps", "rsa"],
-                        args=["--run-dir", str(run)], done=run / "report" / "index.html"))
+                        args=rsa_args, done=rundir.completion("rsa")))
+    stages.append(Stage(name="analysis", kind="analysis", deps=["maps", "rsa"], args=["--run-dir", str(run)],
+                        done=rundir.completion("analysis")))
+    stages.append(Stage(name="report", kind="report", deps=["analysis"], args=["--run-dir", str(run)],
+                        done=rundir.completion("report")))
     return stages
-
-
-def prune_unavailable(stages: list[Stage]) -> tuple[list[Stage], dict[str, str]]:
-    """Drop stages whose module is missing, and stages that depend only on dropped ones.
-
-    The report works on partial runs, so a stage that loses *some* dependencies keeps the others.
-
-    Returns
-    -------
-    kept : list of Stage
-    skipped : dict
-        Stage name -> reason ("stage not available: module dist_decode.rsa is not installed").
-    """
-    skipped: dict[str, str] = {}
-    kept: list[Stage] = []
-    names = set()
-    for st in stages:
-        if not module_available(st.module):
-            skipped[st.name] = f"stage not available: module {st.module} is not installed yet"
-            continue
-        live = [d for d in st.deps if d in names]
-        if st.deps and not live:
-            skipped[st.name] = f"stage skipped: everything it needs was skipped ({', '.join(st.deps)})"
-            continue
-        st.deps = live
-        kept.append(st)
-        names.add(st.name)
-    return kept, skipped
 
 
 def fold_array_spec(folds: list[int]) -> str:

@@ -3,7 +3,7 @@
 ``python -m launch.status --run-dir RUN``
 
 Reads ``RUN/launch/plan.json`` and ``RUN/launch/jobs.json`` (written by ``launch.submit``), the stages'
-completion files, and, for SLURM jobs, ``scontrol show job``. Exit status: 0 when the report exists and
+completion files (:mod:`dist_decode.contracts.run`), and, for SLURM jobs, ``scontrol show job``. Exit status: 0 when the report exists and
 every planned stage is finished, 3 while jobs are still queued or running, 1 when something failed.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from dist_decode.cli import setup_logging
+from dist_decode.contracts.run import RunDir
 from launch import slurmctl
 
 
@@ -69,8 +70,6 @@ def stage_rows(run_dir: Path) -> list[dict[str, str]]:
             if status == "interrupted":
                 detail += " (the launcher stopped before it ended; re-run to resume)"
         rows.append({"name": st["name"], "status": status, "detail": detail})
-    for name, why in plan.get("skipped", {}).items():
-        rows.append({"name": name, "status": "skipped", "detail": why})
     return rows
 
 
@@ -83,7 +82,7 @@ def format_status(run_dir: Path) -> str:
     width = max(len(r["name"]) for r in rows) if rows else 8
     lines = [f"run {run_dir}"]
     lines += [f"  {r['name']:<{width}}  {r['status']:<13} {r['detail']}" for r in rows]
-    report = run_dir / "report" / "index.html"
+    report = RunDir(run_dir).completion("report")
     lines.append(f"  report: {report if report.exists() else 'not written yet'}")
     return "\n".join(lines)
 
@@ -101,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(rows, indent=2) if args.json else format_status(run_dir))
-    statuses = {r["status"] for r in rows if r["status"] != "skipped"}
-    if statuses <= {"done"} and (run_dir / "report" / "index.html").exists():
+    statuses = {r["status"] for r in rows}
+    if statuses <= {"done"} and RunDir(run_dir).done("report"):
         return 0
     if statuses & {"pending", "running", "configuring", "completing", "requeued"}:
         return 3

@@ -15,7 +15,6 @@ science; each job runs the same ``python -m dist_decode.<stage>`` command as ``s
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import logging
 import os
@@ -26,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from dist_decode.cli import setup_logging
-from dist_decode.config import PROFILES, RunConfig, override, profile_config
+from dist_decode.config import PROFILES
+from dist_decode.provenance import now_utc
+from dist_decode.contracts.run import RunDir, bind, resolve_config
 from dist_decode.fsutil import atomic_write_json
 from launch import slurmctl
 from launch.runner import StageJob
-from launch.stages import Stage, build_plan, parse_folds, prune_unavailable, read_store_sites
+from launch.stages import Stage, build_plan, parse_folds, read_store_sites
 
 log = logging.getLogger("launch.submit")
 
@@ -61,10 +62,11 @@ def add_scheduling_args(p: argparse.ArgumentParser) -> None:
                    help="SLURM: seconds before the time limit at which a job checkpoints and requeues itself (default: 120)")
     g.add_argument("--max-parallel", type=int, default=None,
                    help="local cluster only: ranks running at once (default: the number of CPU cores)")
-    g.add_argument("--maps-jobs", type=int, default=2,
-                   help="registration jobs of the maps stage when dist_decode.maps shards by subject (default: 2)")
-    g.add_argument("--single-maps-job", action="store_true",
-                   help="one maps job after all folds instead of per-fold/sharded parts plus a combining job")
+    g.add_argument("--maps-split", choices=["fold", "subject", "none"], default="fold",
+                   help="how the maps stage spreads out: one job per fold behind it ('fold', default), its "
+                        "per-subject work split over --maps-jobs jobs by subject ('subject'), or one job ('none'); "
+                        "each is followed by one combining job")
+    g.add_argument("--maps-jobs", type=int, default=2, help="jobs of --maps-split subject (default: 2)")
     g.add_argument("--wait", action="store_true", help="follow the jobs until the report exists (always on for --cluster local)")
     g.add_argument("--poll", type=float, default=0.5, help="seconds between status polls with --wait (default: 0.5)")
     g.add_argument("--dry-run", action="store_true", help="print the plan and the commands, submit nothing")
@@ -74,21 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m launch.submit", description=__doc__.split("\n\n")[0])
     p.add_argument("--store", required=True, help="packed store (data_prep.pack output)")
     p.add_argument("--run-dir", required=True, help="run directory (created if missing)")
-    p.add_argument("--config", help="RunConfig JSON of the run (written to RUN/config.json, which every stage reads)")
+    p.add_argument("--config", help="RunConfig JSON of a new run (written to RUN/config.json, which every stage reads)")
     p.add_argument("--profile", choices=sorted(PROFILES),
                    help="named settings for a new run (default gpu: full grid; cpu: cohorts at 3-4 mm on CPU)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SEC.FIELD=VALUE",
-                   help="config override passed to every fold; repeatable")
+                   help="config override of a new run (an existing run keeps its config.json); repeatable")
     add_scheduling_args(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
 # -- state ------------------------------------------------------------------------------------------
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 class RunState:
     """``RUN/launch/jobs.json``: the job of every stage and, for local jobs, how it ended."""
 
@@ -110,13 +108,12 @@ class RunState:
         atomic_write_json(self.path, {"jobs": self.jobs})
 
 
-def save_plan(run_dir: Path, stages: list[Stage], skipped: dict[str, str], cluster: str, store: Path) -> None:
+def save_plan(run_dir: Path, stages: list[Stage], cluster: str, store: Path) -> None:
     """``RUN/launch/plan.json``: what ``launch.status`` needs to report on the run later."""
     atomic_write_json(run_dir / "launch" / "plan.json", {
-        "store": str(store), "cluster": cluster, "written": _now(),
+        "store": str(store), "cluster": cluster, "written": now_utc(),
         "stages": [{"name": s.name, "kind": s.kind, "fold": s.fold, "deps": s.deps, "ntasks": s.ntasks,
                     "mpi": s.mpi, "done": str(s.done), "argv": s.argv()} for s in stages],
-        "skipped": skipped,
     })
 
 
@@ -146,7 +143,7 @@ class Launcher:
     store, run_dir : pathlib.Path
         Packed store and run directory.
     stages : list of Stage
-        The plan (:func:`launch.stages.build_plan` after :func:`prune_unavailable`).
+        The plan (:func:`launch.stages.build_plan`).
     cluster : {"slurm", "local"}
     opts : argparse.Namespace
         Scheduling options (see :func:`add_scheduling_args`).
@@ -178,12 +175,12 @@ class Launcher:
             return ex
         extra: dict[str, Any] = {"kill-on-invalid-dep": "yes", "requeue": True,
                                  # Only the batch step (StageJob under submitit) gets the time-limit warning: it
-                                 # makes the stage checkpoint (SIGUSR1), then requeues. USR2 would kill the ranks.
-                                 "signal": f"B:USR2@{max(10, o.signal_delay)}"}
+                                 # makes the stage checkpoint, then requeues (launch.runner, as slurm/*.sh do)
+                                 "signal": f"B:USR1@{max(10, o.signal_delay)}"}
         if dependency:
             extra["dependency"] = "afterok:" + ":".join(dependency)
         # The batch shell must *be* the submitit process: a B: signal reaches only the batch shell, and bash
-        # would die of USR2 (or defer a trap until its foreground child ends). So exec into submitit.
+        # would die of it (or defer a trap until its foreground child ends). So exec into submitit.
         folder = shlex.quote(str(self.log_root / "%j"))
         setup = ["export SUBMITIT_EXECUTOR=slurm",
                  f"exec {shlex.quote(sys.executable)} -u -m submitit.core._submit {folder}"]
@@ -235,7 +232,7 @@ class Launcher:
             deps = [live[d] for d in st.deps if d in live]
             job = self._executor(st, deps).submit(self._job(st))
             live[st.name] = str(job.job_id)
-            self.state.record(st.name, cluster="slurm", job_id=str(job.job_id), submitted=_now(), state="SUBMITTED",
+            self.state.record(st.name, cluster="slurm", job_id=str(job.job_id), submitted=now_utc(), state="SUBMITTED",
                               log=str(self.log_root / str(job.job_id)))
             log.info("%-8s submitted: job %s%s", st.name, job.job_id,
                      f" (after {','.join(deps)})" if deps else "")
@@ -317,7 +314,7 @@ class Launcher:
                     job = self._executor(st, []).submit(self._job(st))
                     running[st.name] = job
                     todo.remove(st)
-                    self.state.record(st.name, cluster="local", job_id=str(job.job_id), submitted=_now(),
+                    self.state.record(st.name, cluster="local", job_id=str(job.job_id), submitted=now_utc(),
                                       state="RUNNING", log=str(self.log_root / str(job.job_id)))
                     tqdm.write(f"{st.name:<8} RUNNING  local job {job.job_id}", file=sys.stderr)
                 # collect finished jobs
@@ -328,7 +325,7 @@ class Launcher:
                     exc = job.exception()
                     if exc is None:
                         finished.add(name)
-                        self.state.record(name, state="COMPLETED", ended=_now())
+                        self.state.record(name, state="COMPLETED", ended=now_utc())
                         bar.update(1)
                         tqdm.write(f"{name:<8} COMPLETED", file=sys.stderr)
                     else:
@@ -337,7 +334,7 @@ class Launcher:
                                       msg[-1] if msg else "failed")
                         failed[name] = reason
                         logs = self.log_root / str(job.job_id)
-                        self.state.record(name, state="FAILED", ended=_now(), reason=reason)
+                        self.state.record(name, state="FAILED", ended=now_utc(), reason=reason)
                         tqdm.write(f"{name:<8} FAILED   ({reason.strip()}); logs: {logs}", file=sys.stderr)
                 if todo or running:
                     time.sleep(0.5)
@@ -352,31 +349,28 @@ class Launcher:
         return not failed
 
 
-def plan_run(store: Path, run_dir: Path, opts: argparse.Namespace, train_args: list[str]) -> tuple[list[Stage], dict[str, str]]:
-    """Read the store, select folds, build and prune the stage graph (logs skipped stages)."""
+def plan_run(store: Path, run_dir: Path, opts: argparse.Namespace, train_args: list[str]) -> list[Stage]:
+    """Read the store, select folds and build the stage graph."""
     sites, ineligible = read_store_sites(store)
     for site, why in ineligible.items():
-        log.info("site %s cannot be held out: %s", site, why)
+        log.info("site %s cannot be held out (its subjects train every fold): %s", site, why)
     folds = parse_folds(opts.folds, sites, ineligible)
     tasks = opts.tasks_per_fold or (opts.gpus_per_fold or 1)
     if opts.nodes < 1 or tasks % max(1, opts.nodes):
         raise ValueError(f"--tasks-per-fold {tasks} must be a positive multiple of --nodes {opts.nodes}")
-    stages = build_plan(store, run_dir, folds, sites, tasks_per_fold=tasks, rsa_ranks=opts.rsa_ranks,
-                        train_args=train_args, per_fold_maps=not opts.single_maps_job,
-                        maps_jobs=max(1, opts.maps_jobs), maps_cpus=max(1, opts.maps_cpus),
-                        subset=len(folds) < len(parse_folds("all", sites, ineligible)))
-    stages, skipped = prune_unavailable(stages)
-    for name, why in skipped.items():
-        log.warning("%s: %s", name, why)
-    if not stages:
-        raise ValueError("nothing to run: no stage module is installed (dist_decode.train missing?)")
-    return stages, skipped
+    return build_plan(store, run_dir, folds, sites, tasks_per_fold=tasks, rsa_ranks=opts.rsa_ranks,
+                      train_args=train_args, maps_split=opts.maps_split, maps_jobs=max(1, opts.maps_jobs),
+                      maps_cpus=max(1, opts.maps_cpus),
+                      subset=len(folds) < len(parse_folds("all", sites, ineligible)))
 
 
-def launch(store: Path, run_dir: Path, opts: argparse.Namespace, train_args: list[str]) -> int:
-    """Plan, submit and (optionally) wait. Returns the process exit status."""
+def launch(store: Path, run_dir: Path, opts: argparse.Namespace) -> int:
+    """Plan, submit and (optionally) wait. Returns the process exit status.
+
+    The run directory is bound to ``store`` and its config already (every stage reads ``RUN/config.json``).
+    """
     store, run_dir = store.absolute(), run_dir.absolute()
-    stages, skipped = plan_run(store, run_dir, opts, train_args)
+    stages = plan_run(store, run_dir, opts, [])
     cluster = resolve_cluster(opts.cluster)
     if opts.dry_run:
         print(f"cluster: {cluster}\nrun directory: {run_dir}")
@@ -384,11 +378,9 @@ def launch(store: Path, run_dir: Path, opts: argparse.Namespace, train_args: lis
             state = "done" if st.is_done() else "todo"
             print(f"{st.name:<8} [{state}] ntasks={st.ntasks}{' mpi' if st.mpi else ''} after={','.join(st.deps) or '-'}\n"
                   f"         {' '.join(st.argv())}")
-        for name, why in skipped.items():
-            print(f"{name:<8} [skipped] {why}")
         return 0
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_plan(run_dir, stages, skipped, cluster, store)
+    save_plan(run_dir, stages, cluster, store)
     launcher = Launcher(store, run_dir, stages, cluster, opts)
     log.info("run directory: %s (cluster: %s)", run_dir, cluster)
     if cluster == "local":
@@ -415,47 +407,15 @@ def launch(store: Path, run_dir: Path, opts: argparse.Namespace, train_args: lis
     return 1
 
 
-def run_config(run_dir: Path, config: str | None, profile: str | None, overrides: list[str]) -> RunConfig:
-    """The run's one config: ``--config`` or ``--profile`` (default gpu) plus ``--set`` for a new run; an existing
-    ``RUN/config.json`` otherwise (a run keeps one config: asking for other settings is refused).
-
-    Raises
-    ------
-    ValueError, FileNotFoundError
-        A missing ``--config`` file, or settings that differ from the run's existing config (naming the fields).
-    """
-    if config and profile:
-        raise ValueError("give --config or --profile, not both")
-    if config:
-        if not Path(config).is_file():
-            raise FileNotFoundError(f"--config {config}: no such file")
-        wanted = override(RunConfig.from_json(config), overrides)
-    else:
-        wanted = profile_config(profile or "gpu", overrides)
-    existing = run_dir / "config.json"
-    if not existing.is_file():
-        return wanted
-    have = RunConfig.from_json(existing)
-    if (config or profile or overrides) and have.to_dict() != wanted.to_dict():
-        a, b = have.to_dict(), wanted.to_dict()
-        diff = [f"{sec}.{k}" for sec in a if isinstance(a[sec], dict) for k in a[sec] if a[sec][k] != b[sec].get(k)]
-        raise ValueError(f"{existing} exists with other settings ({', '.join(diff) or 'seed'}); a run keeps one "
-                         "config: use a new --run-dir, or drop --config/--profile/--set to continue this run")
-    return have
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    run_dir = Path(args.run_dir).absolute()
+    run = RunDir(Path(args.run_dir).absolute())
     try:
-        cfg = run_config(run_dir, args.config, args.profile, args.overrides)
-        cfg_path = run_dir / "config.json"
-        if not args.dry_run and not cfg_path.is_file():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.to_json(cfg_path)
-            log.info("wrote the run's config %s", cfg_path)
-        return launch(Path(args.store), run_dir, args, ["--config", str(cfg_path)])
+        cfg = resolve_config(run, args.config, args.profile, args.overrides)
+        if not args.dry_run:
+            bind(run, args.store, cfg, created_by="launch.submit")  # refuses another store or config up front
+        return launch(Path(args.store), run.path, args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

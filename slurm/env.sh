@@ -4,11 +4,13 @@
 #   DD_PYTHON      interpreter (default: $DD_REPO/.venv/bin/python, by absolute path)
 #   DD_STORE       packed store (default: $DD_REPO/stores/demo, the store `make demo` prepares)
 #   DD_RUN_DIR     run directory (default: $DD_REPO/runs/slurm)
-#   DD_CONFIG      RunConfig JSON for the folds (default: $DD_RUN_DIR/config.json when it exists, else the
-#                  demo's runs/demo/config.json when DD_STORE is the demo store; else the trainer defaults)
-#   DD_TRAIN_ARGS  extra dist_decode.train arguments, e.g. "--set train.steps=200"
+#   DD_PROFILE     settings of a new run: gpu (default) or cpu (an existing run keeps its RUN/config.json)
+#   DD_CONFIG      a RunConfig JSON for a new run instead of a profile
+#   DD_TRAIN_ARGS  extra dist_decode.train arguments of a new run, e.g. "--set train.steps=200"
 # Partition, account, time and GPUs are sbatch's own: flags (sbatch -p gpu -A lab -t 2:00:00 --gpus-per-task=1)
 # or SBATCH_PARTITION / SBATCH_ACCOUNT / SBATCH_TIMELIMIT / SBATCH_GPUS_PER_TASK.
+# Every stage runs through `python -m launch.runner` (exec'd, so it receives SLURM's --signal=B:USR1@T warning):
+# the stage checkpoints and the job requeues itself, exactly as in the launch.submit route.
 set -euo pipefail
 DD_REPO="${DD_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}"
 DD_PYTHON="${DD_PYTHON:-$DD_REPO/.venv/bin/python}"
@@ -26,16 +28,9 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$DD_REPO/.cache/torch_exten
 cd "$DD_REPO"
 echo "[$(date -u +%FT%TZ)] job ${SLURM_JOB_ID:-?}${SLURM_ARRAY_TASK_ID:+ task $SLURM_ARRAY_TASK_ID} on $(hostname): store=$DD_STORE run=$DD_RUN_DIR"
 
-# run_step CMD...: run a job step in the background so the batch shell can handle signals meanwhile
-# (bash defers traps while a foreground command runs).
-run_step() {
-    "$@" &
-    DD_STEP_PID=$!
-    local rc=0
-    while true; do
-        wait "$DD_STEP_PID" && rc=0 || rc=$?
-        # wait returns >128 when a trapped signal interrupted it while the step still runs: wait again
-        if [ "$rc" -gt 128 ] && kill -0 "$DD_STEP_PID" 2>/dev/null; then continue; fi
-        return "$rc"
-    done
+# stage NAME CMD...: run a stage command through launch.runner in place of this shell
+stage() {
+    local name="$1"
+    shift
+    exec "$DD_PYTHON" -m launch.runner --name "$name" -- "$@"
 }

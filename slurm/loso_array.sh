@@ -3,10 +3,12 @@
 # data-parallel ranks started by srun (one per task; on GPU nodes add --gpus-per-task=1).
 #   sbatch slurm/loso_array.sh                          # the demo's store -> runs/slurm
 #   DD_STORE=/data/store DD_RUN_DIR=/scratch/run1 sbatch -p gpu -A lab --ntasks=4 --gpus-per-task=1 slurm/loso_array.sh
+#   DD_PROFILE=cpu sbatch slurm/loso_array.sh           # a new run on CPU nodes (cohorts at 3-4 mm)
 # Tasks beyond the store's sites and sites that cannot be held out exit 0 with a message, so --array=0-7
-# fits any store (slurm/submit_all.sh submits exactly the eligible folds). A finished fold is a no-op.
+# fits any store (slurm/submit_all.sh submits exactly the eligible folds). A finished fold is a no-op; the run's
+# config.json (written by the first fold, or by launch.submit) is used by every fold.
 # Preemption / scontrol requeue: SLURM sends SIGTERM, the trainer checkpoints and the requeued task resumes.
-# Near the time limit (--signal=B:USR1@180) the script requeues itself the same way.
+# Near the time limit (--signal=B:USR1@180) launch.runner makes the fold checkpoint and requeues the task.
 #SBATCH --job-name=dd-fold
 #SBATCH --array=0-7
 #SBATCH --ntasks=2
@@ -26,16 +28,12 @@ if [ "$rc" = 1 ]; then
 elif [ "$rc" != 0 ]; then
     exit "$rc"
 fi
-config=()
-cfg="${DD_CONFIG:-$DD_RUN_DIR/config.json}"
-if [ -z "${DD_CONFIG:-}" ] && [ ! -f "$cfg" ] && [ "$DD_STORE" = "$DD_REPO/stores/demo" ]; then
-    cfg="$DD_REPO/runs/demo/config.json"  # the demo's store trains with the demo's settings by default
+settings=()
+if [ -n "${DD_CONFIG:-}" ]; then
+    settings=(--config "$DD_CONFIG")
+elif [ -n "${DD_PROFILE:-}" ]; then
+    settings=(--profile "$DD_PROFILE")
 fi
-if [ -f "$cfg" ]; then
-    config=(--config "$cfg")
-    echo "config: $cfg"
-fi
-trap 'echo "time limit near: requeueing job $SLURM_JOB_ID (the fold resumes from its checkpoint)"; scontrol requeue "$SLURM_JOB_ID"' USR1
 # shellcheck disable=SC2086  # DD_TRAIN_ARGS is a word list on purpose
-run_step srun --kill-on-bad-exit=1 "$DD_PYTHON" -m dist_decode.train --store "$DD_STORE" --fold "$fold" \
-    --run-dir "$DD_RUN_DIR" "${config[@]}" ${DD_TRAIN_ARGS:-}
+stage "fold $fold" srun --kill-on-bad-exit=1 "$DD_PYTHON" -m dist_decode.train --store "$DD_STORE" \
+    --fold "$fold" --run-dir "$DD_RUN_DIR" "${settings[@]}" ${DD_TRAIN_ARGS:-}

@@ -1,7 +1,7 @@
 #!/bin/bash
-# Healthy-twin Jacobian maps of every finished fold, then the per-site group maps and the overlap map
-# (RUN/maps/overlap.nii.gz). The registrations are split over the job's tasks (srun, --shard auto);
-# the group step runs once at the end. Re-running skips finished subjects.
+# The schizophrenia-specific maps of every finished fold, then the per-site group maps and the overlap map
+# (RUN/maps/overlap.nii.gz). The per-subject work is split over the job's tasks (srun, --shard auto); the group
+# step runs once at the end. Re-running skips finished subjects.
 #   sbatch --dependency=afterok:<fold array job> slurm/maps.sh
 #SBATCH --job-name=dd-maps
 #SBATCH --ntasks=2
@@ -14,11 +14,6 @@ if [ -f "$DD_RUN_DIR/maps/overlap.nii.gz" ]; then
     echo "maps: $DD_RUN_DIR/maps/overlap.nii.gz exists; nothing to do"
     exit 0
 fi
-help="$("$DD_PYTHON" -m dist_decode.maps --help)"
-if grep -q -- "--shard" <<<"$help" && grep -q -- "--stage" <<<"$help"; then
-    run_step srun --kill-on-bad-exit=1 "$DD_PYTHON" -m dist_decode.maps --run-dir "$DD_RUN_DIR" \
-        --stage jacobians --shard auto --workers 1
-    run_step "$DD_PYTHON" -m dist_decode.maps --run-dir "$DD_RUN_DIR" --stage group --workers "${SLURM_NTASKS:-1}"
-else
-    run_step "$DD_PYTHON" -m dist_decode.maps --run-dir "$DD_RUN_DIR"
-fi
+"$DD_PYTHON" -m launch.runner --name "maps (subjects)" -- srun --kill-on-bad-exit=1 "$DD_PYTHON" -m dist_decode.maps \
+    --run-dir "$DD_RUN_DIR" --stage jacobians --shard auto --workers 1
+stage "maps (group)" "$DD_PYTHON" -m dist_decode.maps --run-dir "$DD_RUN_DIR" --stage group --workers "${SLURM_NTASKS:-1}"

@@ -1,5 +1,6 @@
 #!/bin/bash
-# The run's report (RUN/report/index.html), from whatever stages have finished.
+# The run's numbers (RUN/analysis/analysis.json) and its report (RUN/report/index.html), from whatever stages
+# have finished.
 #   sbatch --dependency=afterok:<maps job>:<rsa job> slurm/report.sh
 #SBATCH --job-name=dd-report
 #SBATCH --ntasks=1
@@ -8,5 +9,5 @@
 #SBATCH --requeue
 source "${DD_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/env.sh"
 
-run_step "$DD_PYTHON" -m dist_decode.report --run-dir "$DD_RUN_DIR"
-echo "report: $DD_RUN_DIR/report/index.html"
+"$DD_PYTHON" -m launch.runner --name analysis -- "$DD_PYTHON" -m dist_decode.analysis --run-dir "$DD_RUN_DIR"
+stage report "$DD_PYTHON" -m dist_decode.report --run-dir "$DD_RUN_DIR"

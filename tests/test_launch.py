@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from launch.slurmctl import parse_scontrol
-from launch.stages import build_plan, fold_array_spec, parse_folds, prune_unavailable, read_store_sites
+from launch.stages import build_plan, fold_array_spec, parse_folds, read_store_sites
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -29,6 +29,7 @@ def _manifest(tmp_path: Path, sites: list[str], ineligible=()) -> Path:
     store = tmp_path / "store"
     store.mkdir()
     (store / "manifest.json").write_text(json.dumps({
+        "schema_version": 1, "grid": {}, "shards": [], "counts": {}, "columns": {}, "labels": {},
         "sites": sites, "loso_ineligible": [{"site": s, "reason": "no patients"} for s in ineligible]}))
     return store
 
@@ -58,13 +59,12 @@ def test_read_store_sites_names_the_missing_manifest(tmp_path: Path) -> None:
     assert read_store_sites(store) == (["A", "B", "C"], {"B": "no patients"})
 
 
-def test_plan_chains_folds_maps_rsa_and_report(tmp_path: Path) -> None:
+def test_plan_chains_folds_maps_rsa_analysis_and_report(tmp_path: Path) -> None:
     store = _manifest(tmp_path, ["A", "B", "C"])
     run = tmp_path / "run"
-    stages, skipped = prune_unavailable(build_plan(store, run, [0, 2], ["A", "B", "C"], tasks_per_fold=2,
-                                                   rsa_ranks=3, train_args=["--set", "train.steps=5"]))
+    stages = build_plan(store, run, [0, 2], ["A", "B", "C"], tasks_per_fold=2, rsa_ranks=3,
+                        train_args=["--set", "train.steps=5"])
     by = {s.name: s for s in stages}
-    assert not skipped, skipped  # every stage module of the project is installed
     assert by["fold-2"].args[:6] == ["--store", str(store.absolute()), "--fold", "2", "--run-dir", str(run.absolute())]
     assert by["fold-2"].args[-2:] == ["--set", "train.steps=5"] and by["fold-2"].ntasks == 2
     assert by["fold-2"].done == run.absolute() / "folds" / "C" / "DONE"
@@ -74,10 +74,18 @@ def test_plan_chains_folds_maps_rsa_and_report(tmp_path: Path) -> None:
     assert maps_parts and all(set(s.deps) <= {"fold-0", "fold-2"} for s in maps_parts)
     assert set(by["maps"].deps) == {s.name for s in maps_parts}
     assert by["maps"].done == run.absolute() / "maps" / "overlap.nii.gz"
-    assert set(by["report"].deps) == {"maps", "rsa"}
+    assert by["rsa"].args[-2:] == ["--expect-ranks", "3"]
+    assert set(by["analysis"].deps) == {"maps", "rsa"} and by["report"].deps == ["analysis"]
+    assert by["analysis"].done == run.absolute() / "analysis" / "analysis.json"
     names = [s.name for s in stages]
     for st in stages:  # dependency order: every stage after what it needs
         assert all(names.index(d) < names.index(st.name) for d in st.deps)
+    # the per-subject split: maps-K shards after every fold, then the group step
+    sharded = {s.name: s for s in build_plan(store, run, [0, 2], ["A", "B", "C"], maps_split="subject",
+                                             maps_jobs=3)}
+    assert [sharded[f"maps-{k}"].args[-4:] for k in range(3)] == [
+        ["--shard", f"{k}/3", "--workers", "1"] for k in range(3)]
+    assert sharded["maps"].args[-2:] == ["--stage", "group"] and set(sharded["maps-1"].deps) == {"fold-0", "fold-2"}
 
 
 def test_parse_scontrol_keeps_values_with_spaces() -> None:
@@ -98,7 +106,7 @@ def test_stages_cli_array_and_check_fold_exit_codes(tmp_path: Path) -> None:
     res = run("check-fold", "--store", str(store), "--fold", "6")
     assert res.returncode == 1 and "no fold 6" in res.stdout
     res = run("check-fold", "--store", str(tmp_path / "missing"), "--fold", "0")
-    assert res.returncode == 2 and "no store manifest" in res.stderr
+    assert res.returncode == 2 and "no store at" in res.stderr
 
 
 def test_submit_rejects_bad_folds_without_traceback(tmp_path: Path) -> None:

@@ -157,7 +157,7 @@ def make_run(root: Path, store_path: Path, sites: list[str] | None = None, seed:
             h5["s_samples"] = s_mean[:, None] + np.where(pat[:, None, None], 0.05, 0.0) * rng.normal(size=(n, k, ds))
             h5["recon_error"] = rng.uniform(0.001, 0.01, size=n).astype(np.float32)
             h5.attrs.update(fold=fold, site=site, model="decode_sz", n_parameters=1234567)
-        (fdir / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 1.0}) + "\n")
+        (fdir / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 10, "total": 1.0}) + "\n")
         (fdir / "DONE").write_text(json.dumps({"steps": 10, "wall_s": 1.5, "n_parameters": 1234567,
                                                "model": "decode_sz", "world_size": 1}))
     return run

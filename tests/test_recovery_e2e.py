@@ -36,7 +36,7 @@ def test_small_planted_cohort_is_recovered(tmp_path):
     res = subprocess.run([sys.executable, "-m", "dist_decode.analysis", "--run-dir", str(run)],
                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    rec = json.loads((run / "analysis" / "recovery.json").read_text())
+    rec = json.loads((run / "analysis" / "analysis.json").read_text())["recovery"]
     assert rec["status"] == "ok" and len(rec["folds"]) == 4
     value = {g["metric"]: g["value"] for g in rec["goals"]}
     print(json.dumps(value, indent=1))

@@ -101,13 +101,18 @@ def test_report_on_complete_run(full_run):
         assert f["auc_s"] == 1.0 and f["auc_s_transfer"] == 1.0 and 0 <= f["auc_c"] <= 1
         assert f["n_parameters"] == 1234567 and f["anchor_parameters"] == 202_434_754
         assert f["fewer_than_anchor_pct"] == pytest.approx(100 * (1 - 1234567 / 202_434_754), abs=0.01)
-    # RSA rows straight from rsa.json, with the seed's criterion recomputed.
+    # RSA rows straight from rsa.json: the seed's criterion as the RSA stage marked it (the report recomputes nothing)
     rsa = data["rsa"]
     assert rsa["status"] == "ok" and rsa["permutations"] == 200
     assert {r["space"] for r in rsa["rows"]} == {"S", "C"}
+    assert rsa["criterion"] == {"tau": 0.025, "p": 0.01}
     for r in rsa["rows"]:
         if r["tau_a"] is not None and r["p"] is not None:
-            assert r["seed_mark"] == (abs(r["tau_a"]) > 0.025 and r["p"] < 0.01)
+            assert r["marked"] == (abs(r["tau_a"]) > 0.025 and r["p"] < 0.01)
+    # the numbers come from the analysis stage's file
+    analysis = json.loads((full_run / "analysis" / "analysis.json").read_text())
+    assert analysis["folds"]["folds"] == data["folds"]["folds"] and analysis["recovery"] == {
+        k: v for k, v in data["recovery"].items() if k != "goal_rows"}
     # Maps, Dice and clusters.
     m = data["maps"]
     assert m["status"] == "ok" and m["n_sites"] == 4 and m["overlap_max"] == 4 and m["clusters"]
@@ -201,15 +206,20 @@ def test_report_with_damaged_fold_file(tiny_store, tmp_path):
 
 
 def test_report_without_store(tiny_store, tmp_path):
-    # The store is gone (e.g. the run was copied to a laptop): the report still builds from the run folder.
+    # The store is gone (e.g. the run was copied to a laptop): the report still builds, from the saved analysis.
     store = tmp_path / "store"
     shutil.copytree(tiny_store, store)
     run = make_run(tmp_path, store, sites=["siteA"])
     shutil.rmtree(store)
+    with pytest.raises(ValueError, match="analysis cannot run.*none was saved"):
+        build_report(run)
+    shutil.copytree(tiny_store, store)
     build_report(run)
+    shutil.rmtree(store)
+    build_report(run, force=True)
     data = json.loads((run / "report" / "report.json").read_text())
-    assert data["cohort"]["status"] == "missing"
-    assert any(m.startswith("store ") for m in data["missing"])
+    assert data["missing"][0].startswith("analysis not updated") and "store" in data["missing"][0]
+    assert data["cohort"]["status"] == "ok" and data["cohort"]["n_sites"] == 4
     assert data["folds"]["folds"][0]["status"] == "done" and data["folds"]["folds"][0]["auc_s"] == 1.0
 
 

@@ -59,6 +59,7 @@ def make_run(tiny_store: Path, root: Path, permutations: int = 199) -> Path:
             f["c_samples"] = (c[:, None] + 0.05 * rng.normal(size=(n, K, 4))).astype(np.float32)
             f["s_samples"] = (s[:, None] + 0.05 * rng.normal(size=(n, K, 3))).astype(np.float32)
             f.attrs["fold"], f.attrs["site"] = k, site
+        (d / "DONE").write_text(json.dumps({"steps": 1}))  # the fold's completion file
     return run
 
 
@@ -135,10 +136,13 @@ def test_run_mode_two_mpi_ranks_equal_one(tiny_store: Path, tmp_path: Path):
 
 def test_run_mode_missing_fold_features_is_a_clear_error(tiny_store: Path, tmp_path: Path):
     run = make_run(tiny_store, tmp_path, permutations=9)
-    (run / "folds" / "siteB" / "features.h5").unlink()
+    (run / "folds" / "siteB" / "features.h5").rename(run / "features-of-B.h5")  # finished fold, features gone
     res = rsa_cli("--run-dir", str(run))
     assert res.returncode == 2
     assert "siteB" in res.stderr and "features.h5" in res.stderr and "Traceback" not in res.stderr
+    (run / "folds" / "siteB" / "DONE").unlink()  # a fold not trained yet
+    res = rsa_cli("--run-dir", str(run))
+    assert res.returncode == 2 and "siteB" in res.stderr and "not trained" in res.stderr
     assert not (run / "rsa" / "rsa.json").exists()
     res = rsa_cli("--run-dir", str(run), "--allow-missing-folds")
     assert res.returncode == 0, res.stderr

@@ -16,14 +16,16 @@ import pytest
 import torch
 
 from dist_decode.config import RunConfig, override
-from dist_decode.distributed import StopFlag, first_host, free_port, setup_env
+from dist_decode.train.distributed import StopFlag, first_host, free_port, setup_env
 from dist_decode.normalise import model_inputs
-from dist_decode.train import deepspeed_config, main
+from dist_decode.train import deepspeed_config
+from dist_decode.train.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLD = 1  # holds out the tiny store's second site
-# tiny model and few steps: a 2-rank fold takes a few seconds plus imports
-ARGS = ["--fold", str(FOLD), "--steps", "8", "--set", "train.batch_size=2", "--set", "model.channels=[8,16,16]",
+# tiny model and few steps: a 2-rank fold takes a few seconds plus imports (enough steps to signal one mid-run)
+STEPS = 40
+ARGS = ["--fold", str(FOLD), "--steps", str(STEPS), "--set", "train.batch_size=2", "--set", "model.channels=[8,16,16]",
         "--set", "model.hidden=32", "--set", "train.checkpoint_every=4", "--set", "train.log_every=4",
         "--set", "train.feature_samples=3", "--set", "loss.gamma_tc=10", "--precision", "fp32", "--seed", "7"]
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE")
@@ -91,23 +93,23 @@ def test_two_rank_deepspeed_fold_writes_every_output(reference_run: Path, tiny_s
     assert manifest["versions"]["deepspeed"]
 
     cfg = RunConfig.from_json(fold_dir / "config.json")
-    assert cfg.seed == 7 and cfg.train.steps == 8 and cfg.model.channels == (8, 16, 16)
+    assert cfg.seed == 7 and cfg.train.steps == STEPS and cfg.model.channels == (8, 16, 16)
     ds = json.loads((fold_dir / "deepspeed.json").read_text())
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["train_batch_size"] == 4
     assert ds["zero_optimization"]["stage"] == 1 and ds["bf16"]["enabled"] is False
 
     done = json.loads((fold_dir / "DONE").read_text())
-    assert done["steps"] == 8 and done["world_size"] == 2 and done["model"] == "decode_sz"
+    assert done["steps"] == STEPS and done["world_size"] == 2 and done["model"] == "decode_sz"
     n_params = done["n_parameters"]
 
     recs = [json.loads(line) for line in (fold_dir / "metrics.jsonl").read_text().splitlines()]
     assert recs[0]["kind"] == "info" and recs[0]["n_parameters"] == n_params
     train = [r for r in recs if r["kind"] == "train"]
-    assert [r["step"] for r in train] == list(range(1, 9))
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     for key in ("total", "recon", "kl_c_patients", "kl_s_patients", "kl_c_controls", "tc", "control_s", "disc_loss",
                 "lr", "volumes_per_s", "data_wait_s"):
         assert all(np.isfinite(r[key]) for r in train), key
-    assert [r["step"] for r in recs if r["kind"] == "val"] == [4, 8]
+    assert [r["step"] for r in recs if r["kind"] == "val"] == list(range(4, STEPS + 1, 4))  # each checkpoint
 
     split = loso_split(store, FOLD, cfg.data.val_fraction, cfg.seed)
     with h5py.File(fold_dir / "features.h5", "r") as f:
@@ -145,7 +147,7 @@ def test_resume_after_sigterm_reproduces_the_uninterrupted_run(reference_run: Pa
     run_dir = tmp_path / "run"
     fold_dir = run_dir / "folds" / _site(tiny_store)
     metrics = fold_dir / "metrics.jsonl"
-    procs = _srun_like(tiny_store, run_dir, free_port(), tmp_path, DIST_DECODE_STEP_SLEEP="0.5")
+    procs = _srun_like(tiny_store, run_dir, free_port(), tmp_path)
     deadline = time.time() + 240
     while time.time() < deadline and all(p.poll() is None for p in procs):
         if metrics.is_file() and '"step": 3,' in metrics.read_text():
@@ -159,7 +161,7 @@ def test_resume_after_sigterm_reproduces_the_uninterrupted_run(reference_run: Pa
     assert not (fold_dir / "DONE").exists()
     latest = (fold_dir / "checkpoints" / "latest").read_text().strip()
     stopped = int(latest.removeprefix("step"))
-    assert 3 <= stopped < 8
+    assert 3 <= stopped < STEPS
 
     procs = _srun_like(tiny_store, run_dir, free_port(), tmp_path)
     codes = _wait(procs)
@@ -176,7 +178,7 @@ def test_resume_after_sigterm_reproduces_the_uninterrupted_run(reference_run: Pa
         assert torch.equal(ref["discriminator"][k], new["discriminator"][k]), k
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
              if json.loads(line)["kind"] == "train"]
-    assert steps == list(range(1, 9))  # records past the checkpoint were not duplicated
+    assert steps == list(range(1, STEPS + 1))  # records past the checkpoint were not duplicated
 
 
 def test_rerunning_a_finished_fold_does_nothing(reference_run: Path, tiny_store: Path, caplog):
@@ -218,7 +220,8 @@ def test_clear_errors_for_bad_store_fold_and_site(tiny_store: Path, tiny_cohort:
     from dist_decode.data import Store
 
     assert main(["--store", str(tmp_path / "nope"), "--fold", "0", "--run-dir", str(tmp_path / "r")]) == 2
-    assert "nope: no such packed store" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no store at" in err and "nope" in err and "data_prep.pack" in err
     assert main(["--store", str(tiny_store), "--fold", "9", "--run-dir", str(tmp_path / "r")]) == 2
     assert "fold 9 out of range" in capsys.readouterr().err
     assert main(["--store", str(tiny_store), "--fold", "0", "--run-dir", str(tmp_path / "r"),
@@ -289,13 +292,13 @@ def test_deepspeed_config_is_derived_from_the_typed_config():
 
 
 def test_metrics_are_trimmed_to_the_resumed_checkpoint(tmp_path: Path):
-    from dist_decode.trainer import FoldTrainer as _Trainer
+    from dist_decode.train.loop import Metrics
 
     path = tmp_path / "metrics.jsonl"
     lines = [{"kind": "info", "step": 0}] + [{"kind": "train", "step": s} for s in range(1, 7)] + \
         [{"kind": "val", "step": 4}, {"kind": "info", "step": 4}]
     path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"kind": "train", "st')  # killed mid-line
-    _Trainer._trim_metrics(path, 4)
+    Metrics(path, enabled=True).trim(4)
     recs = [json.loads(x) for x in path.read_text().splitlines()]
     assert [(r["kind"], r["step"]) for r in recs] == [("info", 0)] + [("train", s) for s in range(1, 5)] + [("val", 4)]
 

@@ -19,7 +19,6 @@ Across sites, the maps: the overlap count at the consistent-site threshold ``cei
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,9 @@ from typing import Any
 import numpy as np
 from scipy.spatial.distance import pdist
 
+from dist_decode.contracts import features as features_contract
+from dist_decode.contracts.run import RunDir
+from dist_decode.fsutil import read_json
 from dist_decode.rsa.kendall import tau_a
 
 #: metric -> (comparison, target). ``abs<=`` compares the absolute value.
@@ -233,16 +235,14 @@ def _goal_text(metric: str) -> str:
 
 
 # -- a run -------------------------------------------------------------------------------------------------------
-def run_recovery(run_dir: str | Path, store, sites: list[str], seed: int) -> dict[str, Any]:
-    """Every recovery metric of a run directory whose store has ground truth.
+def run_recovery(run: RunDir, store, seed: int) -> dict[str, Any]:
+    """Every recovery metric of a run whose store has ground truth.
 
     Parameters
     ----------
-    run_dir : path
+    run : RunDir
     store : dist_decode.data.Store
-        The run's store (``store.ground_truth`` must be set).
-    sites : list of str
-        The LOSO folds (held-out sites) to read, in order; unfinished ones are skipped.
+        The run's store.
     seed : int
         The run's seed (cross-validation splits).
 
@@ -253,9 +253,6 @@ def run_recovery(run_dir: str | Path, store, sites: list[str], seed: int) -> dic
     """
     import nibabel as nib
 
-    from dist_decode.rsa.io import read_fold
-
-    run_dir = Path(run_dir)
     gt = store.ground_truth
     if not gt:
         return {"status": "not_applicable", "reason": "the cohort has no ground truth (real data)"}
@@ -265,35 +262,36 @@ def run_recovery(run_dir: str | Path, store, sites: list[str], seed: int) -> dic
         return {"status": "missing", "reason": str(exc)}
     patients = {str(p) for p, pat in zip(store.participant_ids, np.asarray(store.is_patient)) if pat}
     folds = []
-    for k, site in enumerate(sites):
-        fdir = run_dir / "folds" / site
-        if not (fdir / "DONE").is_file():
+    for k, site in enumerate(run.folds()):
+        if not run.done("fold", site):
             continue
-        f = read_fold(fdir / "features.h5", use_samples=False)
-        pids = np.asarray(f["participant_id"])
-        patient = np.array([p in patients for p in pids])
-        r = fold_recovery(pids, patient, f["spaces"]["C"], f["spaces"]["S"], truth,
+        try:
+            f = features_contract.read(run.fold_dir(site) / features_contract.FILE, split="test", samples=False)
+        except (FileNotFoundError, ValueError) as exc:  # reported in the fold table; the others still count
+            folds.append({"site": site, "status": f"features.h5 unreadable: {exc}"})
+            continue
+        patient = np.array([p in patients for p in f.participant_id])
+        r = fold_recovery(f.participant_id, patient, f.space("C"), f.space("S"), truth,
                           int(np.random.SeedSequence([seed, 4242, k]).generate_state(1)[0]))
-        folds.append({"site": site, **r})
+        folds.append({"site": site, "status": "ok", **r})
     maps = None
-    ov_path = run_dir / "maps" / "overlap.nii.gz"
+    ov_path = run.path / "maps" / "overlap.nii.gz"
     reg_path = Path(gt) / "specific_regions.nii.gz"
     if ov_path.is_file() and reg_path.is_file():
         ov_img = nib.load(str(ov_path))
         reg = _on_grid(reg_path, ov_img, "nearest") > 0
         eff_path = Path(gt) / "specific_effect.nii.gz"
         means = [np.asarray(nib.load(str(p)).dataobj, float)
-                 for p in sorted((run_dir / "maps" / "sites").glob("*/mean_effect.nii.gz"))]
+                 for p in sorted((run.path / "maps" / "sites").glob("*/mean_effect.nii.gz"))]
         planted = _on_grid(eff_path, ov_img, "continuous") if eff_path.is_file() else None
         maps = maps_recovery(np.asarray(ov_img.dataobj), reg, np.asarray(store.mask, bool),
                              np.mean(means, axis=0) if means else None, planted)
-        summary = json.loads((run_dir / "maps" / "maps.json").read_text()) if (
-            run_dir / "maps" / "maps.json").is_file() else {}
-        maps["sites"] = summary.get("n_sites")
-    return {"status": "ok" if folds else "missing", "ground_truth": str(gt), "folds": folds, "maps": maps,
-            "goals": goal_table(folds, maps),
+        maps["sites"] = (read_json(run.path / "maps" / "maps.json") or {}).get("n_sites")
+    ok = [f for f in folds if f["status"] == "ok"]
+    return {"status": "ok" if ok else "missing", "ground_truth": str(gt), "folds": folds, "maps": maps,
+            "goals": goal_table(ok, maps),
             "subjects": "held-out patients of each site (C diagnosis AUC: every held-out subject)",
-            "reason": None if folds else "no finished fold"}
+            "reason": None if ok else "no finished fold with readable features"}
 
 
 def _on_grid(path: Path, ref_img, interpolation: str) -> np.ndarray:

@@ -12,7 +12,8 @@ os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from dist_decode.cli import setup_logging  # noqa: E402
-from dist_decode.config import RunConfig, override  # noqa: E402
+from dist_decode.config import override  # noqa: E402
+from dist_decode.contracts.run import RunDir  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from dist_decode.maps.pipeline import resolve_shard, run_maps
 
-        cfg_path = args.run_dir / "config.json"
-        cfg = RunConfig.from_json(cfg_path) if cfg_path.is_file() else RunConfig()
+        run = RunDir(args.run_dir)
+        run.manifest()  # a started run (clear error otherwise)
         sets = list(args.overrides)
         if args.use_samples:
             sets.append("maps.use_samples=true")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             sets.append(f"maps.threshold={args.threshold}")
         if args.fdr_q is not None:
             sets.append(f"maps.fdr_q={args.fdr_q}")
-        cfg = override(cfg, sets)
+        cfg = override(run.config(), sets)  # --set changes this invocation only, never the run's config.json
         shard = resolve_shard(args.shard)
         if args.combine and args.fold:
             raise ValueError("--combine and --fold exclude each other")

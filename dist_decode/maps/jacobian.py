@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from nibabel.affines import voxel_sizes
 
 from dist_decode.config import MapsConfig
 
@@ -54,11 +55,6 @@ class SynSettings:
     seed: int = 0
 
 
-def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
-    """Voxel sizes (mm) of a 4x4 affine: the norms of its first three columns."""
-    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0))
-
-
 def log_jacobian(twin: np.ndarray, recon: np.ndarray, affine: np.ndarray,
                  settings: SynSettings = SynSettings()) -> np.ndarray:
     """Log Jacobian determinant of the SyN deformation from ``twin`` to ``recon``.
@@ -91,7 +87,7 @@ def log_jacobian(twin: np.ndarray, recon: np.ndarray, affine: np.ndarray,
         raise ValueError(f"twin {twin.shape} and recon {recon.shape} must be 3-D volumes of one shape")
     if not (np.isfinite(twin).all() and np.isfinite(recon).all()):
         raise ValueError("twin or recon contains NaN/inf values")
-    spacing = voxel_spacing(affine)
+    spacing = tuple(float(v) for v in voxel_sizes(affine))
     fixed = ants.from_numpy(twin, spacing=spacing)
     moving = ants.from_numpy(recon, spacing=spacing)
     # ANTsPy writes its transforms to files; keep them in a private folder that is always removed.

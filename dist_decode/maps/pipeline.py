@@ -35,11 +35,14 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from nibabel.affines import voxel_sizes
+
 from dist_decode.config import MapsConfig, RunConfig
-from dist_decode.fsutil import atomic_path, atomic_write_json
+from dist_decode.contracts.run import RunDir
+from dist_decode.fsutil import atomic_path, atomic_write_json, save_nifti
 from dist_decode.maps.density import MapSpace, log_ratio
 from dist_decode.maps.group import half_max_extent, site_group_map, smooth_maps
-from dist_decode.maps.jacobian import SynSettings, log_jacobian, voxel_spacing
+from dist_decode.maps.jacobian import SynSettings, log_jacobian
 from dist_decode.maps.overlap import Atlas, cluster_table, dice_matrix, overlap_count
 from dist_decode.maps.twins import decode_pairs, read_held_out
 
@@ -53,19 +56,6 @@ MAP_KINDS = ("auto", "density", "jacobian")
 def _safe(name: str) -> str:
     """A file-name-safe version of a participant id or site."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name))
-
-
-def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
-    """Write ``data`` as NIfTI with ``affine`` atomically (float32 unless the array is integer)."""
-    import nibabel as nib
-
-    arr = np.asarray(data)
-    if not np.issubdtype(arr.dtype, np.integer):
-        arr = arr.astype(np.float32)
-    img = nib.Nifti1Image(arr, np.asarray(affine, float))
-    img.header.set_xyzt_units("mm")
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
 
 
 def load_nifti(path: Path) -> np.ndarray:
@@ -163,33 +153,18 @@ class MapsRun:
     """What the maps stage knows about a run directory: config, store, finished and missing folds."""
 
     def __init__(self, run_dir: str | Path, cfg: RunConfig | None = None):
-        from dist_decode.data import Store
-
-        self.run_dir = Path(run_dir)
-        if not self.run_dir.is_dir():
-            raise FileNotFoundError(f"{self.run_dir}: run directory not found")
-        manifest_path = self.run_dir / "manifest.json"
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{manifest_path}: run manifest not found (train at least one fold first)")
-        self.manifest = json.loads(manifest_path.read_text())
-        if "store" not in self.manifest:
-            raise ValueError(f"{manifest_path}: no 'store' entry")
-        if cfg is None:
-            cfg_path = self.run_dir / "config.json"
-            cfg = RunConfig.from_json(cfg_path) if cfg_path.is_file() else RunConfig()
-        self.cfg = cfg
-        self.store = Store.open(self.manifest["store"])
+        self.rundir = RunDir(run_dir)
+        self.run_dir = self.rundir.path
+        self.manifest = self.rundir.manifest()
+        self.cfg = cfg if cfg is not None else self.rundir.config()
+        self.store = self.rundir.store()
         self.out = self.run_dir / "maps"
         self.affine = np.asarray(self.store.affine, float)
         self.shape = tuple(int(v) for v in self.store.grid_shape)
         ids = [str(p) for p in self.store.participant_ids]
         self.patient_ids = {p for p, pat in zip(ids, np.asarray(self.store.is_patient)) if pat}
-        ineligible = self.store.manifest.get("loso_ineligible", {}) or {}
-        ineligible = set(ineligible) if not isinstance(ineligible, list) else {
-            (e["site"] if isinstance(e, dict) else e) for e in ineligible}
-        self.expected_sites = [s for s in self.store.sites if s not in ineligible]
-        folds = self.run_dir / "folds"
-        self.done_sites = [s for s in self.expected_sites if (folds / s / "DONE").is_file()]
+        self.expected_sites = self.store.fold_sites
+        self.done_sites = [s for s in self.expected_sites if self.rundir.done("fold", s)]
         self.missing_sites = [s for s in self.expected_sites if s not in self.done_sites]
         self.selected = list(self.done_sites)  # folds the subject and group steps work on (--fold narrows it)
 
@@ -404,10 +379,10 @@ def compute_group_maps(run: MapsRun, force: bool = False) -> dict[str, dict]:
             if stack.shape[1:] != run.shape:
                 raise ValueError(f"{run.subject_path(site, pids[0], what)}: map shape {stack.shape[1:]} is not the "
                                  f"store grid {run.shape}")
-            stacks[what] = smooth_maps(stack, mc.smooth_fwhm_mm, voxel_spacing(run.affine))
+            stacks[what] = smooth_maps(stack, mc.smooth_fwhm_mm, voxel_sizes(run.affine))
         rng = np.random.default_rng(np.random.SeedSequence([run.cfg.seed, 7919, run.site_index(site)]))
         gm = site_group_map(stacks[mc.test_on], mask, mc.threshold, level, mc.permutations, rng,
-                            mc.variance_smoothing_mm, voxel_spacing(run.affine))
+                            mc.variance_smoothing_mm, voxel_sizes(run.affine))
         mean_effect = stacks["effect"].mean(axis=0) * mask
         keep = gm.binary > 0
         if mc.extent == "half_max":

@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
+import torch
 
-FEATURE_KEYS = ("participant_id", "site", "diagnosis", "split", "c_mean", "s_mean")
+from dist_decode.contracts import features as features_contract
+from dist_decode.data import resample_volume
 
 
 @dataclass
@@ -31,13 +32,9 @@ class HeldOut:
     s: np.ndarray
 
 
-def _strings(ds: h5py.Dataset) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in ds[()]]
-
-
 def read_held_out(features_path: str | Path, patient_ids: set[str], use_samples: bool = False,
                   n_samples: int = 10) -> HeldOut:
-    """Read the held-out (``split == "test"``) patients of one fold's ``features.h5``.
+    """The held-out (``split == "test"``) patients of one fold's ``features.h5``.
 
     Parameters
     ----------
@@ -52,64 +49,28 @@ def read_held_out(features_path: str | Path, patient_ids: set[str], use_samples:
 
     Raises
     ------
-    FileNotFoundError
-        If the file is missing.
-    ValueError
-        Naming the file and dataset when a dataset is missing or not row-aligned.
+    FileNotFoundError, ValueError
+        From :func:`dist_decode.contracts.features.read` (naming the file).
     """
-    path = Path(features_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: fold features not found")
-    try:
-        h5 = h5py.File(path, "r")
-    except OSError as exc:
-        raise ValueError(f"{path}: not a readable HDF5 file ({exc})") from exc
-    with h5:
-        need = FEATURE_KEYS + (("c_samples", "s_samples") if use_samples else ())
-        missing = [k for k in need if k not in h5]
-        if missing:
-            raise ValueError(f"{path}: missing dataset(s) {missing}")
-        pid = _strings(h5["participant_id"])
-        split = _strings(h5["split"])
-        n = len(pid)
-        for k in need:
-            if h5[k].shape[0] != n:
-                raise ValueError(f"{path}: dataset {k!r} has {h5[k].shape[0]} rows, participant_id has {n}")
-        rows = [i for i in range(n) if split[i] == "test" and pid[i] in patient_ids]
-        idx = np.asarray(rows, dtype=int)
-        if use_samples:
-            k = max(1, min(int(n_samples), h5["c_samples"].shape[1]))
-            c = h5["c_samples"][()][idx, :k] if rows else np.zeros((0, k, h5["c_samples"].shape[2]))
-            s = h5["s_samples"][()][idx, :k] if rows else np.zeros((0, k, h5["s_samples"].shape[2]))
-        else:
-            c = h5["c_mean"][()][idx][:, None] if rows else np.zeros((0, 1, h5["c_mean"].shape[1]))
-            s = h5["s_mean"][()][idx][:, None] if rows else np.zeros((0, 1, h5["s_mean"].shape[1]))
-    return HeldOut([pid[i] for i in rows], np.asarray(c, np.float32), np.asarray(s, np.float32))
+    f = features_contract.read(features_path, samples=use_samples)
+    f = f.take((f.split == "test") & np.array([p in patient_ids for p in f.participant_id], dtype=bool))
+    if use_samples:
+        if f.c_samples is None or f.s_samples is None:
+            raise ValueError(f"{features_path}: no posterior samples (c_samples / s_samples)")
+        k = max(1, min(int(n_samples), f.c_samples.shape[1]))
+        c, s = f.c_samples[:, :k], f.s_samples[:, :k]
+    else:
+        c, s = f.c_mean[:, None], f.s_mean[:, None]
+    return HeldOut([str(p) for p in f.participant_id], np.asarray(c, np.float32), np.asarray(s, np.float32))
 
 
 def resample_to(volumes: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """Resample (n, X, Y, Z) volumes onto ``shape`` (the store grid) when the model's grid differs.
-
-    Uses :func:`dist_decode.data.resample_volume` (the inverse of the mapping the trainer applied) when the data
-    module provides it, else trilinear interpolation of the voxel grid onto the target box.
-    """
+    """Resample (n, X, Y, Z) volumes onto ``shape`` (the store grid) when the model's grid differs, with the
+    trainer's own grid mapping (:func:`dist_decode.data.resample_volume`)."""
     volumes = np.asarray(volumes, np.float32)
     if tuple(volumes.shape[1:]) == tuple(shape):
         return volumes
-    try:
-        from dist_decode.data import resample_volume  # the trainer's own grid mapping
-    except ImportError:  # pragma: no cover - only before the data module exists
-        resample_volume = None
-    out = []
-    for v in volumes:
-        if resample_volume is not None:
-            out.append(np.asarray(resample_volume(v, tuple(shape)), np.float32))
-        else:
-            from scipy import ndimage
-
-            zoom = [t / s for t, s in zip(shape, v.shape)]
-            out.append(ndimage.zoom(v, zoom, order=1, grid_mode=True, mode="nearest").astype(np.float32))
-    return np.stack(out)
+    return np.stack([np.asarray(resample_volume(v, tuple(shape)), np.float32) for v in volumes])
 
 
 def decode_pairs(model, c: np.ndarray, s: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -128,8 +89,6 @@ def decode_pairs(model, c: np.ndarray, s: np.ndarray, shape: tuple[int, int, int
     -------
     recon, twin : ndarray, float32, shape (N, *shape)
     """
-    import torch
-
     with torch.no_grad():
         ct = torch.as_tensor(np.asarray(c, np.float32))
         st = torch.as_tensor(np.asarray(s, np.float32))

@@ -1,11 +1,8 @@
-"""The fold report: ``python -m dist_decode.report --run-dir RUN`` writes ``RUN/report/`` (see docs/report.md)."""
+"""The report: ``python -m dist_decode.report --run-dir RUN`` renders ``RUN/report/`` (see docs/report.md).
 
-
-def build_report(*args, **kwargs):
-    """Build the report; see :func:`dist_decode.report.build.build_report`."""
-    from dist_decode.report.build import build_report as _build
-
-    return _build(*args, **kwargs)
-
+:mod:`.build` gathers what the stages wrote (the numbers come from :mod:`dist_decode.analysis`), :mod:`.figures`
+draws the figures, ``templates/report.html.j2`` is the page.
+"""
+from dist_decode.report.build import build_report
 
 __all__ = ["build_report"]

@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 from dist_decode.cli import setup_logging  # noqa: E402
+from dist_decode.report.build import build_report  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,8 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write RUN/report/index.html (self-contained: figures embedded), report.json, CSV tables and "
                     "figures/*.png: cohort, per-fold table (held-out n, reconstruction error, S/C diagnosis AUC, "
                     "parameter counts vs the 2022 anchor), RSA, overlap maps, Dice, clusters, ground-truth "
-                    "recovery (synthetic cohorts) and provenance. Works on partial runs and lists what is "
-                    "missing; skips the build when its inputs are unchanged.")
+                    "recovery (synthetic cohorts) and provenance. The numbers come from the analysis stage "
+                    "(RUN/analysis/analysis.json, brought up to date first). Works on partial runs and lists what "
+                    "is missing; skips the build when nothing it shows changed.")
     p.add_argument("--run-dir", required=True, type=Path, help="run directory")
     p.add_argument("--force", action="store_true", help="rebuild even if nothing changed")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -32,8 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     log = logging.getLogger("dist_decode.report")
     try:
-        from dist_decode.report.build import build_report
-
         index = build_report(args.run_dir, force=args.force)
     except (FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)

@@ -16,6 +16,12 @@ from typing import Any
 import numpy as np
 
 from dist_decode.cli import setup_logging
+from dist_decode.config import RSAConfig
+from dist_decode.contracts import features as features_contract
+from dist_decode.contracts.run import RunDir
+from dist_decode.rsa import io as rio
+from dist_decode.rsa.analysis import parse_variables, run_loso, run_rsa
+from dist_decode.rsa.permutation import get_comm
 
 log = logging.getLogger("dist_decode.rsa")
 
@@ -74,8 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace, base: Any) -> dict[str, Any]:
     """The RSA settings: ``base`` (an RSAConfig) overridden by the command line."""
-    from dist_decode.rsa.analysis import parse_variables
-
     s = {
         "variables": args.variables or ",".join(base.variables),
         "distance": args.distance or base.distance,
@@ -97,16 +101,14 @@ def _settings(args: argparse.Namespace, base: Any) -> dict[str, Any]:
 
 
 def run_mode(args: argparse.Namespace, comm: Any, ranks: int) -> int:
-    from dist_decode.config import RunConfig
-    from dist_decode.rsa import io as rio
-    from dist_decode.rsa.analysis import parse_variables, run_loso
-
-    run = args.run_dir
+    rundir = RunDir(args.run_dir)
+    run = rundir.path
     out = run / "rsa"
-    if (out / "rsa.json").is_file() and not args.force:
+    if rundir.done("rsa") and not args.force:
         log.info("%s exists: RSA already done (use --force to recompute)", out / "rsa.json")
         return 0
-    cfg = RunConfig.from_json(run / "config.json") if (run / "config.json").is_file() else RunConfig()
+    rundir.manifest()  # a started run (clear error otherwise)
+    cfg = rundir.config()
     s = _settings(args, cfg.rsa)
     seed = args.seed if args.seed is not None else cfg.seed
     variables = parse_variables(s["variables"])
@@ -115,30 +117,32 @@ def run_mode(args: argparse.Namespace, comm: Any, ranks: int) -> int:
         ids_all = pheno["participant_id"]
         patient_all = None
     else:
-        ids_all, pheno, patient_all = rio.store_phenotypes(run)
+        store = rundir.store()
+        ids_all, pheno, patient_all = store.participant_ids, store.phenotypes, np.asarray(store.is_patient, bool)
     folds: dict[str, dict[str, Any]] = {}
     subsets: dict[str, dict[str, np.ndarray]] = {}
-    missing = [d.name for d in rio.fold_dirs(run) if not (d / "features.h5").is_file()]
+    missing = [site for site in rundir.folds() if not rundir.done("fold", site)]
     if missing and not args.allow_missing_folds:
-        raise FileNotFoundError(f"fold(s) {missing} of {run} have no features.h5 (not trained yet?); "
-                                f"train them, or pass --allow-missing-folds to analyse the others")
-    for fdir in rio.fold_dirs(run):
-        if fdir.name in missing:
-            log.warning("fold %s has no features.h5: left out (--allow-missing-folds)", fdir.name)
+        raise FileNotFoundError(f"fold(s) {missing} of {run} are not trained yet (no DONE); train them, or pass "
+                                "--allow-missing-folds to analyse the others")
+    for site in rundir.folds():
+        if site in missing:
+            log.warning("fold %s is not trained: left out (--allow-missing-folds)", site)
             continue
-        f = rio.read_fold(fdir / "features.h5", s["use_samples"])
+        f = features_contract.read(rundir.fold_dir(site) / features_contract.FILE, split="test",
+                                   samples=s["use_samples"])
         where = str(args.phenotypes or "the store")
-        ph = rio.align(f["participant_id"], {**pheno, "__row": np.arange(len(ids_all))}, ids_all, where)
+        ph = rio.align(f.participant_id, {**pheno, "__row": np.arange(len(ids_all))}, ids_all, where)
         if patient_all is not None:
             patient = patient_all[ph.pop("__row")]
         else:
             ph.pop("__row")
-            patient = f["diagnosis"] == args.patient_label
-        site = fdir.name
-        folds[site] = {"spaces": f["spaces"], "phenotypes": ph}
+            patient = f.diagnosis == args.patient_label
+        folds[site] = {"spaces": {name: f.space(name, s["use_samples"]) for name in features_contract.SPACES},
+                       "phenotypes": ph}
         subsets[site] = {v: patient for v in s["patients_only"]}
         subsets[site].update({(space, v): patient for space in s["patients_only_spaces"] for v, _ in variables})
-        log.info("fold %s: %d held-out subjects (%d patients)", site, len(f["participant_id"]), patient.sum())
+        log.info("fold %s: %d held-out subjects (%d patients)", site, len(f), patient.sum())
     t0 = time.time()
     timing: dict = {}
     rows, null, labels = run_loso(folds, variables, s["permutations"], seed, s["distance"], s["fwe"],
@@ -156,10 +160,6 @@ def run_mode(args: argparse.Namespace, comm: Any, ranks: int) -> int:
 
 
 def table_mode(args: argparse.Namespace, comm: Any, ranks: int) -> int:
-    from dist_decode.config import RSAConfig
-    from dist_decode.rsa import io as rio
-    from dist_decode.rsa.analysis import parse_variables, run_rsa
-
     if not (args.features and args.phenotypes and args.out):
         raise ValueError("table mode needs --features, --phenotypes and --out (or give --run-dir)")
     if (args.out / "rsa.json").is_file() and not args.force:
@@ -214,8 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     comm = None
     try:
-        from dist_decode.rsa.permutation import get_comm
-
         comm = get_comm(args.expect_ranks)
         ranks = comm.Get_size() if comm is not None else 1
         if comm is not None and comm.Get_rank() != 0:

@@ -12,14 +12,13 @@ from typing import Any
 import numpy as np
 
 from dist_decode.fsutil import atomic_path, atomic_write_json, atomic_write_text
+from dist_decode.rsa.analysis import MARK_P, MARK_TAU
 
 log = logging.getLogger(__name__)
 
 #: Row keys of rsa.json / rsa.csv, in column order (the report reads these).
 ROW_KEYS = ("scope", "space", "variable", "kind", "n", "tau_a", "tau_b", "p", "p_fwe", "null_q025",
             "null_q50", "null_q975", "marked", "S", "pairs", "alternative")
-#: Feature spaces of a fold's features.h5: space name -> (mean dataset, samples dataset).
-FOLD_SPACES = {"S": ("s_mean", "s_samples"), "C": ("c_mean", "c_samples")}
 _MISSING = {"", "n/a", "na", "nan", "none"}
 
 
@@ -140,79 +139,6 @@ def align(ids: np.ndarray, table: dict[str, np.ndarray], ids_table: np.ndarray, 
 
 
 # ------------------------------------------------------------------------------------------------
-# run mode
-# ------------------------------------------------------------------------------------------------
-def fold_dirs(run_dir: Path) -> list[Path]:
-    """Fold folders in LOSO order: every fold of ``manifest.json`` ``folds``, then any other folder."""
-    folds = run_dir / "folds"
-    if not folds.is_dir():
-        raise FileNotFoundError(f"{folds} not found: is {run_dir} a run directory with trained folds?")
-    order: list[str] = []
-    mpath = run_dir / "manifest.json"
-    if mpath.is_file():
-        man = json.loads(mpath.read_text())
-        f = man.get("folds")
-        if isinstance(f, dict):
-            order = [str(f[k]) for k in sorted(f, key=lambda k: int(k))]
-        elif isinstance(f, list):
-            order = [str(s) for s in f]
-    present = sorted(p.name for p in folds.iterdir() if p.is_dir())
-    # folds named in the manifest but never started are kept: reading them reports what is missing
-    names = order + [s for s in present if s not in order]
-    if not names:
-        raise FileNotFoundError(f"{folds} holds no fold folders")
-    return [folds / s for s in names]
-
-
-def store_phenotypes(run_dir: Path) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
-    """Participant ids, phenotypes and patient flags of the run's store (``manifest.json`` ``store``)."""
-    mpath = run_dir / "manifest.json"
-    if not mpath.is_file():
-        raise FileNotFoundError(f"{mpath} not found (it names the store); or pass --phenotypes")
-    store_path = json.loads(mpath.read_text()).get("store")
-    if not store_path:
-        raise ValueError(f"{mpath} has no 'store' entry; pass --phenotypes")
-    from dist_decode.data import Store
-
-    store_path = Path(store_path)
-    if not store_path.is_absolute() and not store_path.exists():
-        store_path = run_dir / store_path  # relative to the run directory
-    store = Store.open(store_path)
-    return store.participant_ids, store.phenotypes, np.asarray(store.is_patient, bool)
-
-
-def read_fold(path: Path, use_samples: bool) -> dict[str, Any]:
-    """The held-out (``split == "test"``) rows of one fold's features.h5.
-
-    Returns ``{"participant_id", "site", "diagnosis", "spaces": {"S": ..., "C": ...}}`` with spaces
-    ``(n, d)`` posterior means or ``(K, n, d)`` posterior samples.
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: fold {path.parent.name} has no features (train it first)")
-    h5py = _h5()
-    with h5py.File(path, "r") as f:
-        need = ["participant_id", "site", "diagnosis", "split"] + [
-            FOLD_SPACES[s][1 if use_samples else 0] for s in FOLD_SPACES]
-        missing = [k for k in need if k not in f]
-        if missing:
-            raise ValueError(f"{path}: missing dataset(s) {missing}")
-        split = _strings(f["split"])
-        rows = np.flatnonzero(split == "test")
-        out: dict[str, Any] = {k: _strings(f[k])[rows] for k in ("participant_id", "site", "diagnosis")}
-        spaces = {}
-        for name, (mean_key, samples_key) in FOLD_SPACES.items():
-            if use_samples:
-                x = f[samples_key][...][rows]  # (n, K, d)
-                spaces[name] = np.transpose(x, (1, 0, 2)).astype(np.float64)
-            else:
-                spaces[name] = f[mean_key][...][rows].astype(np.float64)
-        out["spaces"] = spaces
-    if rows.size == 0:
-        raise ValueError(f"{path}: no held-out (split == 'test') subjects")
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
 # outputs
 # ------------------------------------------------------------------------------------------------
 def format_table(rows: list[dict]) -> str:
@@ -246,7 +172,7 @@ def write_results(out_dir: Path, header: dict[str, Any], rows: list[dict], null:
     note = (f"Kendall tau-a RSA, {header['permutations']} subject-label permutations "
             f"({header['config'].get('alternative', 'two-sided')}), FWE by {header['config'].get('fwe')} over "
             f"models x spaces per scope; seed {header['seed']}, {header['ranks']} MPI rank(s).\n"
-            f"* = |tau_a| > 0.025 and p < 0.01 (seed paper's criterion).\n\n")
+            f"* = |tau_a| > {MARK_TAU} and p < {MARK_P} (seed paper's criterion).\n\n")
     atomic_write_text(out_dir / "rsa.txt", note + format_table(rows))
     # strict JSON: undefined statistics (e.g. tau-b of a constant model) become null
     clean = [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()} for r in rows]

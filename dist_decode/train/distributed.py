@@ -13,12 +13,18 @@ plain process. :func:`setup_env` fills them in from whatever launched us, before
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
 import signal
 import socket
 from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +115,6 @@ def set_threads(dist_env: DistEnv) -> int:
 
     Oversubscribed OpenMP threads make DeepSpeed CPU steps 10-40x slower (spin-waiting).
     """
-    import torch
-
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     try:
@@ -124,9 +128,6 @@ def set_threads(dist_env: DistEnv) -> int:
 
 def init_process_group() -> None:
     """``deepspeed.init_distributed`` once per process; the group is kept (DeepSpeed caches groups)."""
-    import deepspeed
-    import torch.distributed as dist
-
     _tolerate_missing_compiler()
     if not dist.is_initialized():
         deepspeed.init_distributed(verbose=False)
@@ -139,8 +140,6 @@ def _tolerate_missing_compiler() -> None:
     ``TORCH_EXTENSIONS_DIR``); it needs g++. It only speeds up all-reduce under the deepspeed
     launcher, so when the build fails we log a warning and fall back to plain gloo.
     """
-    import importlib
-
     mod = importlib.import_module("deepspeed.comm.torch")  # not `import ... as`: deepspeed.comm re-exports torch
     original = mod.build_shm_op
     if getattr(original, "_dist_decode_wrapped", False):
@@ -155,6 +154,14 @@ def _tolerate_missing_compiler() -> None:
 
     build_shm_op._dist_decode_wrapped = True  # type: ignore[attr-defined]
     mod.build_shm_op = build_shm_op
+
+
+def cleanup_shm(rank: int) -> None:
+    """Unlink this rank's DeepSpeed shared-memory all-reduce buffer (the deepspeed launcher leaves ~66 MB per rank
+    in /dev/shm otherwise); the mapping stays valid until the process exits."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
+        f.unlink(missing_ok=True)
 
 
 class StopFlag:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from dist_decode.fsutil import atomic_write_text
 
@@ -70,8 +71,6 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank: 
     keep : int
         Most recent checkpoints to keep (older ones are deleted by rank 0).
     """
-    import torch.distributed as dist
-
     ckpt_dir = Path(ckpt_dir)
     tag = tag_of(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(client_state, step=step), save_latest=False)
