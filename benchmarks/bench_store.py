@@ -82,23 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         paths.append(hits[0])
     nifti_bytes = sum(p.stat().st_size for p in paths)
 
-    # The same lossless store read through HDF5's own filter pipeline (the reader's fast path off).
-    os.environ["DIST_DECODE_H5_DIRECT"] = "0"
-    h5path = Store.open(ref.path)
-    _read_store(h5path, idx)  # opens the shards while the switch is set
-    del os.environ["DIST_DECODE_H5_DIRECT"]
-
     # Warm the page cache and the code paths once, then time the best of N passes, interleaved.
     _read_nifti(paths)
     for s in stores.values():
         _read_store(s, idx)
-    best = {"nibabel": np.inf, **{k: np.inf for k in stores}, "float16_raw": np.inf, "lossless_h5py": np.inf}
+    best = {"nibabel": np.inf, **{k: np.inf for k in stores}, "float16_raw": np.inf}
     for _ in range(args.repeats):
         best["nibabel"] = min(best["nibabel"], _read_nifti(paths))
         for k, s in stores.items():
             best[k] = min(best[k], _read_store(s, idx))
         best["float16_raw"] = min(best["float16_raw"], _read_store(stores["float16"], idx, raw=True))
-        best["lossless_h5py"] = min(best["lossless_h5py"], _read_store(h5path, idx))
 
     n = len(idx)
     result = {
@@ -117,11 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{n} volumes {tuple(ref.grid_shape)}, one process, warm page cache, best of {args.repeats}")
     print(f"{'reader':<26}{'vol/s':>10}{'x nibabel':>12}{'MB on disk':>12}{'MB/volume':>11}")
     rows = [("nibabel .nii.gz", "nibabel"), ("store Blosc-LZ4 float32", "lossless"),
-            ("  same, h5py filter path", "lossless_h5py"),
             ("store float16 -> float32", "float16"), ("store float16, raw", "float16_raw")]
     for label, k in rows:
         ratio = result["ratio_vs_nibabel"].get(k, 1.0)
-        b = result["bytes_on_disk"][{"float16_raw": "float16", "lossless_h5py": "lossless"}.get(k, k)]
+        b = result["bytes_on_disk"][{"float16_raw": "float16"}.get(k, k)]
         print(f"{label:<26}{result['vol_per_s'][k]:>10.1f}{ratio:>12.2f}{b / 1e6:>12.1f}{b / 1e6 / n:>11.2f}")
     print(f"float16 max abs error: {result['float16_max_error']:.3g}")
     if args.json:

@@ -24,7 +24,6 @@ import numpy as np
 
 from dist_decode.contracts import store as store_contract
 
-BLOSC_FILTER_ID = 32001
 
 
 class Store:
@@ -202,8 +201,7 @@ class Store:
         entry = self._handles.get(k)
         if entry is None:
             h5 = h5py.File(self.path / self.manifest["shards"][k]["file"], "r")
-            dset = h5["volumes"]  # cached: a lookup costs ~30 us
-            entry = self._handles[k] = (h5, dset, _direct_blosc_reader(dset))
+            entry = self._handles[k] = (h5, h5["volumes"])  # the dataset is cached: a lookup costs ~30 us
         return entry
 
     def read(self, i: int) -> np.ndarray:
@@ -227,9 +225,8 @@ class Store:
         i = int(i)
         if not 0 <= i < self.n:
             raise IndexError(f"volume index {i} out of range 0..{self.n - 1} of store {self.path}")
-        _, dset, direct = self._entry(int(self._shard_of[i]))
-        row = int(self._row_of[i])
-        return direct(row) if direct is not None else dset[row]
+        _, dset = self._entry(int(self._shard_of[i]))
+        return dset[int(self._row_of[i])]
 
     def close(self) -> None:
         """Close the HDF5 handles this process opened."""
@@ -252,61 +249,6 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}, n={self.n}, sites={self.sites}, grid={self.grid_shape})"
-
-
-_BLOSC: list = []
-
-
-def _blosc_decompress():
-    """``blosc_decompress_ctx`` from hdf5plugin's Blosc filter library, or None if unavailable."""
-    if not _BLOSC:
-        fn = None
-        try:
-            import ctypes
-
-            import hdf5plugin
-
-            lib = ctypes.CDLL(os.path.join(hdf5plugin.PLUGIN_PATH, "libh5blosc.so"))
-            fn = lib.blosc_decompress_ctx
-            fn.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            fn.restype = ctypes.c_int
-        except (OSError, AttributeError, ImportError):
-            fn = None
-        _BLOSC.append(fn)
-    return _BLOSC[0]
-
-
-def _direct_blosc_reader(dset):
-    """A fast reader of one whole-volume Blosc chunk, or None when the dataset does not qualify.
-
-    HDF5's filter pipeline decompresses into a scratch buffer and copies it out; reading the raw
-    chunk (``read_direct_chunk``) and letting Blosc decompress straight into the output array is
-    1.5-3x faster for 7 MB volumes. Used only for datasets whose single filter is Blosc and whose
-    chunk is one whole volume; ``DIST_DECODE_H5_DIRECT=0`` disables it.
-    """
-    if os.environ.get("DIST_DECODE_H5_DIRECT", "1") == "0":
-        return None
-    fn = _blosc_decompress()
-    if fn is None or dset.chunks != (1, *dset.shape[1:]):
-        return None
-    plist = dset.id.get_create_plist()
-    if plist.get_nfilters() != 1 or plist.get_filter(0)[0] != BLOSC_FILTER_ID:
-        return None
-    shape, dtype = tuple(dset.shape[1:]), dset.dtype
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    zeros = (0,) * len(shape)
-
-    def read(row: int) -> np.ndarray:
-        mask, buf = dset.id.read_direct_chunk((row, *zeros))
-        if mask:  # the filter was skipped for this chunk: stored as is
-            return np.frombuffer(buf, dtype=dtype).reshape(shape).copy()
-        out = np.empty(shape, dtype)
-        got = fn(buf, out.ctypes.data, nbytes, 1)
-        if got != nbytes:
-            raise OSError(f"{dset.file.filename}: volume {row}: Blosc decompression failed (code {got})")
-        return out
-
-    return read
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,8 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dist_decode.data import (BalancedBatchSampler, FoldSplit, Store, VolumeDataset, _direct_blosc_reader, loso_split,
-                              resample_volume)
+from dist_decode.data import BalancedBatchSampler, FoldSplit, Store, VolumeDataset, loso_split, resample_volume
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +46,7 @@ def test_store_metadata(store, tiny_store, tiny_cohort):
     assert np.isnan(store.phenotypes["panss_total"][~store.is_patient]).all()
 
 
-def test_read_matches_nifti(store, tiny_cohort, monkeypatch):
+def test_read_matches_nifti(store, tiny_cohort):
     for i in (0, store.n // 2, store.n - 1):
         pid = store.participant_ids[i]
         ref = np.asarray(nib.load(tiny_cohort / pid / "mri" / f"mwp1{pid}.nii.gz").dataobj, np.float32)
@@ -55,15 +54,6 @@ def test_read_matches_nifti(store, tiny_cohort, monkeypatch):
         assert vol.dtype == np.float32
         np.testing.assert_array_equal(vol, ref)
     assert store.index_of(store.participant_ids[5]) == 5
-    # The fast path (raw Blosc chunk decompressed in place) gives exactly HDF5's answer.
-    _, dset, _ = store._entry(0)
-    monkeypatch.delenv("DIST_DECODE_H5_DIRECT", raising=False)
-    direct = _direct_blosc_reader(dset)
-    assert direct is not None
-    for row in range(dset.shape[0]):
-        np.testing.assert_array_equal(direct(row), dset[row])
-    monkeypatch.setenv("DIST_DECODE_H5_DIRECT", "0")
-    assert _direct_blosc_reader(dset) is None
     with pytest.raises(KeyError, match="sub-nobody"):
         store.index_of("sub-nobody")
     clone = pickle.loads(pickle.dumps(store))  # handles do not travel; the copy reopens its own

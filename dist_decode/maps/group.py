@@ -64,17 +64,13 @@ def one_sample_t(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fdr_bh(p: np.ndarray, q: float) -> tuple[np.ndarray, float]:
-    """Benjamini-Hochberg step-up: which p-values are discoveries at FDR ``q``, and the p cut-off (0 if none)."""
+    """Benjamini-Hochberg: which p-values are discoveries at FDR ``q`` (scipy's adjusted p-values <= q), and the
+    largest discovered p-value (0 if none)."""
     p = np.asarray(p, float)
-    m = p.size
-    if m == 0:
+    if p.size == 0:
         return np.zeros(0, bool), 0.0
-    order = np.sort(p)
-    below = order <= q * np.arange(1, m + 1) / m
-    if not below.any():
-        return np.zeros(m, bool), 0.0
-    cut = float(order[np.nonzero(below)[0].max()])
-    return p <= cut, cut
+    sig = stats.false_discovery_control(p, method="bh") <= q
+    return sig, float(p[sig].max()) if sig.any() else 0.0
 
 
 class VarianceSmoother:
