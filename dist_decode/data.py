@@ -13,14 +13,19 @@ opens the shards itself on first read, and a handle inherited through ``fork`` i
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import h5py
+import hdf5plugin  # noqa: F401  (registers the Blosc filter with h5py)
+import nibabel as nib
 import numpy as np
+import torch
+import torch.nn.functional as F
+from nibabel.affines import voxel_sizes
 
 from dist_decode.contracts import store as store_contract
 
@@ -67,9 +72,6 @@ class Store:
         return cls(path.resolve(), manifest)
 
     def _load_index(self) -> None:
-        import h5py
-        import hdf5plugin  # noqa: F401  (registers the Blosc filter)
-
         columns = self.manifest["columns"]
         parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
         ids, shard_of, row_of = [], [], []
@@ -131,8 +133,6 @@ class Store:
     def mask(self) -> np.ndarray:
         """Brain mask of the store's grid, bool (X, Y, Z)."""
         if self._mask is None:
-            import nibabel as nib
-
             mfile = self.manifest.get("mask", {}).get("file", "mask.nii.gz")
             self._mask = np.asarray(nib.load(str(self.path / mfile)).dataobj) > 0
         return self._mask
@@ -192,9 +192,6 @@ class Store:
 
     # -- volumes -------------------------------------------------------------------------------
     def _entry(self, k: int):
-        import h5py
-        import hdf5plugin  # noqa: F401
-
         if os.getpid() != self._pid:  # forked: never use the parent's HDF5 handles
             self._handles = {}
             self._pid = os.getpid()
@@ -215,8 +212,6 @@ class Store:
         out = self.read_raw(i)
         if out.dtype == np.float32:
             return out
-        import torch
-
         # torch's vectorised half->float conversion is ~4x faster than numpy's astype.
         return torch.from_numpy(out).float().numpy()
 
@@ -336,8 +331,6 @@ def loso_split(store: Store, fold: int, val_fraction: float = 0.15, seed: int = 
 
 def grid_voxel_mm(store: Store, grid: Sequence[int]) -> float:
     """Mean voxel size (mm) of ``grid`` spanning the store's field of view (the store's own when equal)."""
-    from nibabel.affines import voxel_sizes
-
     vox = np.asarray(voxel_sizes(store.affine), float)
     return float(np.mean(vox * np.asarray(store.grid_shape, float) / np.asarray(grid, float)))
 
@@ -355,9 +348,6 @@ def resample_volume(vol, grid: Sequence[int]):
     -------
     Same type and number of dimensions as ``vol``, float32 (or the tensor's floating dtype).
     """
-    import torch
-    import torch.nn.functional as F
-
     grid = tuple(int(g) for g in grid)
     if len(grid) != 3:
         raise ValueError(f"grid must have 3 sizes, got {grid}")
@@ -428,8 +418,6 @@ class VolumeDataset:
         return int(self.indices.size)
 
     def __getitem__(self, j: int) -> dict[str, Any]:
-        import torch
-
         if not -len(self) <= int(j) < len(self):
             raise IndexError(f"dataset position {j} out of range 0..{len(self) - 1}")
         i = int(self.indices[int(j)])

@@ -24,14 +24,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import submitit
+from tqdm import tqdm
+
 from dist_decode.cli import setup_logging
 from dist_decode.config import PROFILES
-from dist_decode.provenance import now_utc
 from dist_decode.contracts.run import RunDir, bind, resolve_config
 from dist_decode.fsutil import atomic_write_json
+from dist_decode.provenance import now_utc
 from launch import slurmctl
 from launch.runner import StageJob
 from launch.stages import Stage, build_plan, parse_folds, read_store_sites
+from launch.status import format_status
 
 log = logging.getLogger("launch.submit")
 
@@ -161,8 +165,6 @@ class Launcher:
 
     # submitit --------------------------------------------------------------------------------------
     def _executor(self, stage: Stage, dependency: list[str]) -> Any:
-        import submitit
-
         o = self.opts
         ex = submitit.AutoExecutor(folder=str(self.log_root / "%j"), cluster=self.cluster)
         is_fold = stage.kind == "fold"
@@ -240,8 +242,6 @@ class Launcher:
 
     def wait_slurm(self, live: dict[str, str]) -> bool:
         """Follow the queued jobs until the report exists or nothing can run any more; True on success."""
-        from tqdm import tqdm
-
         poll = max(0.1, self.opts.poll)
         last: dict[str, str] = {}
         bar = tqdm(total=len(self.stages), desc="stages done", unit="stage", file=sys.stderr, disable=None)
@@ -285,8 +285,6 @@ class Launcher:
     # local -----------------------------------------------------------------------------------------
     def run_local(self) -> bool:
         """Run the plan with the local submitit executor, respecting dependencies; True when all finished."""
-        from tqdm import tqdm
-
         slots = self.opts.max_parallel or os.cpu_count() or 1
         finished = {s.name for s in self.stages if stage_finished(s, self.state)}
         for name in sorted(finished):
@@ -393,8 +391,6 @@ def launch(store: Path, run_dir: Path, opts: argparse.Namespace) -> int:
             print(f"follow with: python -m launch.status --run-dir {run_dir}")
             return 0
         ok = launcher.wait_slurm(live)
-    from launch.status import format_status
-
     print(format_status(run_dir))
     report = run_dir / "report" / "index.html"
     if report.exists() and ok:

@@ -12,7 +12,7 @@ import pytest
 
 from dist_decode.data import Store
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1"}
+ENV = dict(os.environ)  # conftest.py sets the threads and DeepSpeed variables
 
 
 def _run(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:

@@ -14,10 +14,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from dist_decode.config import RunConfig
 from dist_decode.data import Store
 from dist_decode.maps.pipeline import resolve_shard, run_maps
-from test_maps_fixtures import make_run, planted_centre, planted_loader, poster_cfg, raw_cfg
+from planted_runs import make_run, planted_centre, planted_loader, poster_cfg, raw_cfg
 
 
 @pytest.fixture(scope="module")

@@ -187,7 +187,6 @@ def test_anchor_loss_matches_the_published_formula():
     torch.manual_seed(0)
     cfg = RunConfig().loss
     n, d = 4, 3
-    patient = torch.tensor([True, True, False, False])
     out = {
         "x": torch.rand(n, 1, 4, 4, 4), "x_hat": torch.rand(n, 1, 4, 4, 4),
         "c_mu": torch.randn(n, d), "c_logvar": torch.randn(n, d) * 0.1,
@@ -215,3 +214,27 @@ def test_unknown_model_and_loss_are_clear_errors():
         build_model(override(RunConfig(), ["model.name=anchor2022"]), (29, 35, 29))
     with pytest.raises(ValueError, match="needs model.name 'anchor2022'"):
         build_discriminator(override(RunConfig(), ["loss.kind=anchor2022"]))
+
+
+def test_readme_states_the_parameter_counts():
+    """The counts the README quotes are the models' own (default at the full grid, cpu profile at the demo grid)."""
+    import re
+    from pathlib import Path
+
+    from dist_decode.config import profile_config
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    quoted = re.search(r"The default model has \*\*([\d,]+) parameters\*\* at the full CAT12 grid", readme)
+    assert quoted, "README: the default model's parameter count sentence is missing"
+    assert int(quoted.group(1).replace(",", "")) == count_parameters(build_model(RunConfig(), FULL_GRID))
+    demo = re.search(r"the `cpu` profile has \*\*([\d,]+) parameters\*\* at the demo's 3 mm grid", readme)
+    assert demo, "README: the cpu profile's parameter count sentence is missing"
+    grid = (57, 69, 57)
+    mask = torch.zeros(grid, dtype=torch.bool)
+    # the dense decoder predicts the brain-mask voxels: the demo store's mask has 64,098
+    mask.view(-1)[:64098] = True
+    m = build_model(profile_config("cpu"), grid, mask=mask, voxel_mm=3.0)
+    assert int(demo.group(1).replace(",", "")) == count_parameters(m)
+    anchor = re.search(r"\*\*([\d.]+) %\*\* of the anchor", readme)
+    assert anchor and float(anchor.group(1)) == round(100 * count_parameters(build_model(RunConfig(), FULL_GRID))
+                                                      / ANCHOR_N_PARAMETERS, 2)

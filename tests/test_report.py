@@ -21,9 +21,9 @@ from PIL import Image
 from dist_decode.config import RunConfig
 from dist_decode.maps.pipeline import run_maps
 from dist_decode.report.build import build_report
-from test_maps_fixtures import make_run, planted_loader, raw_cfg
+from planted_runs import make_run, planted_loader, raw_cfg
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = dict(os.environ)  # conftest.py sets the threads
 
 
 def _cfg() -> RunConfig:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dist_decode.config import RunConfig
+from dist_decode.contracts import features as features_contract
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = {"scope", "space", "variable", "kind", "n", "tau_a", "tau_b", "p", "p_fwe", "null_q025", "null_q50",
@@ -50,15 +51,10 @@ def make_run(tiny_store: Path, root: Path, permutations: int = 199) -> Path:
         K = 3
         d = run / "folds" / site
         d.mkdir(parents=True)
-        with h5py.File(d / "features.h5", "w") as f:
-            sdt = h5py.string_dtype()
-            for key, val in (("participant_id", store.participant_ids), ("site", store.site_of),
-                             ("diagnosis", ph["diagnosis"]), ("split", split)):
-                f.create_dataset(key, data=np.asarray(val, dtype=object), dtype=sdt)
-            f["c_mean"], f["s_mean"] = c.astype(np.float32), s.astype(np.float32)
-            f["c_samples"] = (c[:, None] + 0.05 * rng.normal(size=(n, K, 4))).astype(np.float32)
-            f["s_samples"] = (s[:, None] + 0.05 * rng.normal(size=(n, K, 3))).astype(np.float32)
-            f.attrs["fold"], f.attrs["site"] = k, site
+        features_contract.write(d / features_contract.FILE, features_contract.FoldFeatures(
+            participant_id=store.participant_ids, site=store.site_of, diagnosis=ph["diagnosis"], split=split,
+            c_mean=c, s_mean=s, c_samples=c[:, None] + 0.05 * rng.normal(size=(n, K, 4)),
+            s_samples=s[:, None] + 0.05 * rng.normal(size=(n, K, 3)), attrs={"fold": k, "site": site}))
         (d / "DONE").write_text(json.dumps({"steps": 1}))  # the fold's completion file
     return run
 

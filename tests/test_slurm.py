@@ -164,14 +164,14 @@ def test_scontrol_requeue_of_a_running_fold_resumes_from_its_checkpoint(
     cfg = _config(tmp_path / "cfg.json", ["train.steps=100", "train.checkpoint_every=5"])
     site = _sites(store)[0]
     res = subprocess.run([PY, "-m", "launch.submit", "--store", str(store), "--run-dir", str(run), "--folds", "0",
-                          "--cluster", "slurm", "--config", str(cfg), "--single-maps-job"],
+                          "--cluster", "slurm", "--config", str(cfg), "--maps-split", "none"],
                          capture_output=True, text=True, env=_env())
     assert res.returncode == 0, res.stderr
     jobs = json.loads((run / "launch" / "jobs.json").read_text())["jobs"]
     fold_job = jobs["fold-0"]["job_id"]
     # submitting again while the jobs are queued/running reuses them instead of submitting twice
     again = subprocess.run([PY, "-m", "launch.submit", "--store", str(store), "--run-dir", str(run), "--folds", "0",
-                            "--cluster", "slurm", "--config", str(cfg), "--single-maps-job"],
+                            "--cluster", "slurm", "--config", str(cfg), "--maps-split", "none"],
                            capture_output=True, text=True, env=_env())
     assert again.returncode == 0 and "already queued" in again.stderr, again.stderr
     assert json.loads((run / "launch" / "jobs.json").read_text())["jobs"] == jobs
@@ -197,3 +197,40 @@ def test_scontrol_requeue_of_a_running_fold_resumes_from_its_checkpoint(
     assert starts[0]["resumed"] is False
     assert any(r["resumed"] and r["step"] > 0 for r in starts[1:]), starts
     assert json.loads((run / "folds" / site / "DONE").read_text())["steps"] == 100
+
+
+def test_time_limit_warning_checkpoints_and_requeues_the_plain_sbatch_fold(
+        slurm: None, store: Path, tmp_path: Path) -> None:
+    """slurm/loso_array.sh: the time-limit warning (SLURM's --signal=B:USR1, sent here with scancel --batch) makes
+    launch.runner checkpoint the fold (SIGUSR1 through srun) and requeue the task, which resumes and finishes."""
+    run = tmp_path / "run"
+    cfg = _config(tmp_path / "cfg.json", ["train.steps=150", "train.checkpoint_every=5"])
+    site = _sites(store)[0]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    jid = subprocess.run(["sbatch", "--parsable", "--array=0", "--ntasks=1", "-o", str(logs / "%x-%A_%a.out"),
+                          str(REPO / "slurm" / "loso_array.sh")], capture_output=True, text=True, check=True,
+                         env=_env(DD_STORE=str(store), DD_RUN_DIR=str(run), DD_CONFIG=str(cfg)),
+                         cwd=tmp_path).stdout.strip()
+    task = f"{jid}_0"
+    ckpts = run / "folds" / site / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not (ckpts.is_dir() and any(p.name.startswith("step") for p in ckpts.iterdir())):
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        assert not (run / "folds" / site / "DONE").exists(), "fold finished before the warning could be sent"
+        time.sleep(0.25)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", task], check=True)
+    deadline = time.monotonic() + 90
+    while slurmctl.job_state(task) != "PENDING":
+        assert time.monotonic() < deadline, slurmctl.job_info(task)
+        time.sleep(0.25)
+    subprocess.run(["scontrol", "update", f"jobid={task}", "starttime=now"], check=True)
+    _wait_jobs([jid], 180)
+    info = slurmctl.job_info(task)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, info
+    out = next(logs.glob("dd-fold-*.out")).read_text()
+    assert "time limit near: SIGUSR1 -> checkpoint, then requeue" in out and "requeueing job" in out, out[-3000:]
+    records = [json.loads(line) for line in (run / "folds" / site / "metrics.jsonl").read_text().splitlines()]
+    starts = [r for r in records if r.get("kind") == "info"]
+    assert starts[0]["resumed"] is False and any(r["resumed"] and r["step"] > 0 for r in starts[1:]), starts
+    assert json.loads((run / "folds" / site / "DONE").read_text())["steps"] == 150

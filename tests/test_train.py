@@ -167,7 +167,7 @@ def test_resume_after_sigterm_reproduces_the_uninterrupted_run(reference_run: Pa
     codes = _wait(procs)
     logs = (tmp_path / "rank0.log").read_text()
     assert codes == [0, 0], logs[-3000:]
-    assert f"resumed from" in logs and f"at step {stopped}" in logs
+    assert "resumed from" in logs and f"at step {stopped}" in logs
 
     ref = torch.load(reference_run / "folds" / _site(tiny_store) / "model_final.pt", weights_only=False)
     new = torch.load(fold_dir / "model_final.pt", weights_only=False)

@@ -23,8 +23,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
+from nilearn.image import resample_to_img
 from scipy.spatial.distance import pdist
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from dist_decode.contracts import features as features_contract
 from dist_decode.contracts.run import RunDir
@@ -97,12 +104,6 @@ def rdm_tau(features: np.ndarray, factors: np.ndarray) -> float | None:
 
 def cv_auc(x: np.ndarray, y: np.ndarray, seed: int) -> float | None:
     """Stratified cross-validated AUC of a standardised logistic regression (None if a class has < 2 cases)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     y = np.asarray(y, bool)
     k = int(min(5, y.sum(), (~y).sum()))
     if k < 2 or np.asarray(x).shape[1] == 0:
@@ -115,11 +116,6 @@ def cv_auc(x: np.ndarray, y: np.ndarray, seed: int) -> float | None:
 
 def transfer_auc(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray) -> float | None:
     """AUC on the held-out site of a classifier trained on the training sites' subjects."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     if ytr.all() or not ytr.any() or yte.all() or not yte.any() or np.asarray(xtr).shape[1] == 0:
         return None
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(xtr, ytr)
@@ -251,8 +247,6 @@ def run_recovery(run: RunDir, store, seed: int) -> dict[str, Any]:
     dict
         ``status``, ``folds`` (per held-out site), ``maps``, ``goals`` (:func:`goal_table`), ``ground_truth``.
     """
-    import nibabel as nib
-
     gt = store.ground_truth
     if not gt:
         return {"status": "not_applicable", "reason": "the cohort has no ground truth (real data)"}
@@ -296,11 +290,7 @@ def run_recovery(run: RunDir, store, seed: int) -> dict[str, Any]:
 
 def _on_grid(path: Path, ref_img, interpolation: str) -> np.ndarray:
     """A ground-truth image on the grid of ``ref_img`` (resampled with nilearn when the grids differ)."""
-    import nibabel as nib
-
     img = nib.load(str(path))
     if img.shape[:3] != ref_img.shape[:3] or not np.allclose(img.affine, ref_img.affine, atol=1e-3):
-        from nilearn.image import resample_to_img
-
         img = resample_to_img(img, ref_img, interpolation=interpolation, force_resample=True, copy_header=True)
     return np.asarray(img.dataobj, float)

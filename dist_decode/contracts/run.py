@@ -104,7 +104,7 @@ class RunDir:
         ValueError
             When the store's manifest changed since (the run's results belong to the old contents).
         """
-        from dist_decode.data import Store
+        from dist_decode.data import Store  # torch and h5py: only for the stages that read volumes, not the launcher
 
         m = self.manifest()
         store = Store.open(self.store_path())

@@ -19,7 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from scipy import ndimage, stats
+
+from dist_decode.normalise import gaussian_kernels, smooth
 
 
 @dataclass
@@ -80,24 +83,17 @@ class VarianceSmoother:
     """
 
     def __init__(self, mask: np.ndarray, fwhm_mm: float, voxel_mm) -> None:
-        import torch
-
-        from dist_decode.normalise import gaussian_kernels, smooth
-
         self.mask = np.asarray(mask, bool)
         self.index = torch.from_numpy(np.flatnonzero(self.mask))
         self.kernels = gaussian_kernels(fwhm_mm, voxel_mm)
-        self._smooth = smooth
         weight = smooth(torch.from_numpy(self.mask.astype(np.float32))[None, None], self.kernels)
         self.weight = weight.flatten()[self.index].clamp_min(1e-6)
 
     def __call__(self, values: np.ndarray) -> np.ndarray:
-        import torch
-
         v = torch.from_numpy(np.asarray(values, np.float32))
         vol = torch.zeros((v.shape[0], self.mask.size), dtype=torch.float32)
         vol[:, self.index] = v
-        out = self._smooth(vol.view((v.shape[0], 1) + self.mask.shape), self.kernels).flatten(1)[:, self.index]
+        out = smooth(vol.view((v.shape[0], 1) + self.mask.shape), self.kernels).flatten(1)[:, self.index]
         return (out / self.weight).double().numpy()
 
 

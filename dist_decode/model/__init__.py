@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from dist_decode.config import RunConfig
 from dist_decode.model.anchor2022 import ANCHOR_GRID, ANCHOR_N_PARAMETERS, AnchorCVAE2022
 from dist_decode.model.blocks import count_parameters
 from dist_decode.model.decode_sz import DecodeSZ, encoder_grid
@@ -112,8 +113,6 @@ def load_fold_model(fold_dir: str | os.PathLike):
     FileNotFoundError
         When the fold has no ``model_final.pt`` (training not finished).
     """
-    from dist_decode.config import RunConfig
-
     path = Path(fold_dir) / "model_final.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no final model (is the fold trained? its DONE file marks completion)")

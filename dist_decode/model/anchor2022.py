@@ -1,6 +1,7 @@
 """The 2022 anchor: the contrastive VAE of Aglinskas, Hartshorne & Anzellotti (Science 2022) at 64^3.
 
-A faithful PyTorch restatement of ``get_MRI_CVAE_3D`` (pub-CVAE-MRI-ASD, Notebooks/make_models2.py):
+A faithful PyTorch restatement of ``get_MRI_CVAE_3D`` (github.com/Aglinskas/pub-CVAE-MRI-ASD,
+Notebooks/make_models2.py):
 two unshared encoders (z = common, s = specific) Conv3D(64, k3, s2) -> Conv3D(128, k3, s2) ->
 Dense(128) -> Dense(16) mean / log-variance; a decoder Dense(128) -> Dense(16^3*128) ->
 Conv3DTranspose(32, s2) -> Conv3DTranspose(16, s2) -> Conv3DTranspose(1, s1, sigmoid); and a

@@ -19,7 +19,7 @@ TC is the mean logit of a separate discriminator ``D`` on patients' ``[c, s]`` s
 and is trained to tell joint pairs from pairs whose ``s`` was shuffled across patients
 (:func:`discriminator_loss`); the VAE sees ``D`` with frozen (detached) weights.
 
-Anchor loss (``loss.kind = "anchor2022"``, pub-CVAE-MRI-ASD make_models2.py): unmasked
+Anchor loss (``loss.kind = "anchor2022"``, github.com/Aglinskas/pub-CVAE-MRI-ASD make_models2.py): unmasked
 ``(mse_patients + mse_controls) * 64^3`` + beta * mean KL + anchor_gamma * mean TC + DISC, the
 discriminator being the anchor's own 33-parameter layer trained by the same optimiser.
 """

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
+import h5py
+import hdf5plugin  # noqa: F401  (registers compression filters with h5py)
 import numpy as np
 
 from dist_decode.fsutil import atomic_path, atomic_write_json, atomic_write_text
@@ -20,13 +21,6 @@ log = logging.getLogger(__name__)
 ROW_KEYS = ("scope", "space", "variable", "kind", "n", "tau_a", "tau_b", "p", "p_fwe", "null_q025",
             "null_q50", "null_q975", "marked", "S", "pairs", "alternative")
 _MISSING = {"", "n/a", "na", "nan", "none"}
-
-
-def _h5():
-    import h5py
-    import hdf5plugin  # noqa: F401  (registers compression filters)
-
-    return h5py
 
 
 def _strings(ds) -> np.ndarray:
@@ -54,7 +48,6 @@ def read_features(path: str | os.PathLike, spaces: list[str] | None = None
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"features file {path} not found")
-    h5py = _h5()
     try:
         f = h5py.File(path, "r")
     except OSError as exc:

@@ -6,7 +6,7 @@ with ``P = m (m - 1) / 2`` pairs of the ``m`` RDM cells. Under a relabelling of 
 data and model values do not change, so ``P``, ``x_tie`` and ``y_tie`` are permutation invariant and only
 ``S`` has to be recomputed per permutation.
 
-Two engines (see ``docs/rsa.md`` and ``/work/shared/reference/rsa-permutation-engines.md``):
+Two engines (see ``docs/rsa.md``):
 
 * :class:`GradedEngine`, any model ``f(x_i, x_j)`` with ``K`` tie levels (``|x_i - x_j|`` for ages,
   PANSS...). The data cells are sorted once; per permutation one sweep in data order adds, for every cell

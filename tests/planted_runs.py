@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 from scipy import ndimage
 
 from dist_decode.config import RunConfig
+from dist_decode.contracts import features as features_contract
 
 
 def planted_centre(store) -> tuple[int, int, int]:
@@ -144,19 +144,17 @@ def make_run(root: Path, store_path: Path, sites: list[str] | None = None, seed:
         s_mean = np.zeros((n, ds), np.float32)
         s_mean[pat, 0] = rng.uniform(0.6, 1.0, size=pat.sum())
         s_mean[pat, 1:] = rng.normal(0, 0.3, size=(pat.sum(), ds - 1))
-        with h5py.File(fdir / "features.h5", "w") as h5:
-            for key, val in (("participant_id", ids), ("site", site_of), ("diagnosis", dx), ("split", split)):
-                h5.create_dataset(key, data=val.astype(object), dtype=h5py.string_dtype())
-            # the last two C coordinates: the subject's severity and store row (read by ObservedDecoder)
-            extra = np.stack([s_mean[:, 0], np.arange(n, dtype=np.float32)], axis=1)
-            h5["c_mean"], h5["s_mean"] = np.hstack([c_mean, extra]), s_mean
-            h5["c_logvar"] = np.full((n, dc + 2), -2.0, np.float32)
-            h5["s_logvar"] = np.full((n, ds), -2.0, np.float32)
-            noisy = c_mean[:, None] + 0.05 * rng.normal(size=(n, k, dc)).astype(np.float32)
-            h5["c_samples"] = np.concatenate([noisy, np.repeat(extra[:, None], k, axis=1)], axis=2)
-            h5["s_samples"] = s_mean[:, None] + np.where(pat[:, None, None], 0.05, 0.0) * rng.normal(size=(n, k, ds))
-            h5["recon_error"] = rng.uniform(0.001, 0.01, size=n).astype(np.float32)
-            h5.attrs.update(fold=fold, site=site, model="decode_sz", n_parameters=1234567)
+        # the last two C coordinates: the subject's severity and store row (read by ObservedDecoder)
+        extra = np.stack([s_mean[:, 0], np.arange(n, dtype=np.float32)], axis=1)
+        noisy = c_mean[:, None] + 0.05 * rng.normal(size=(n, k, dc)).astype(np.float32)
+        features_contract.write(fdir / features_contract.FILE, features_contract.FoldFeatures(
+            participant_id=ids, site=site_of, diagnosis=dx, split=split, index=np.arange(n),
+            c_mean=np.hstack([c_mean, extra]), s_mean=s_mean, c_logvar=np.full((n, dc + 2), -2.0, np.float32),
+            s_logvar=np.full((n, ds), -2.0, np.float32),
+            c_samples=np.concatenate([noisy, np.repeat(extra[:, None], k, axis=1)], axis=2),
+            s_samples=s_mean[:, None] + np.where(pat[:, None, None], 0.05, 0.0) * rng.normal(size=(n, k, ds)),
+            recon_error=rng.uniform(0.001, 0.01, size=n).astype(np.float32),
+            attrs={"fold": fold, "site": site, "model": "decode_sz", "n_parameters": 1234567}))
         (fdir / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 10, "total": 1.0}) + "\n")
         (fdir / "DONE").write_text(json.dumps({"steps": 10, "wall_s": 1.5, "n_parameters": 1234567,
                                                "model": "decode_sz", "world_size": 1}))
