@@ -8,13 +8,15 @@
 # fits any store (slurm/submit_all.sh submits exactly the eligible folds). A finished fold is a no-op; the run's
 # config.json (written by the first fold, or by launch.submit) is used by every fold.
 # Preemption / scontrol requeue: SLURM sends SIGTERM, the trainer checkpoints and the requeued task resumes.
-# Near the time limit (--signal=B:USR1@180) launch.runner makes the fold checkpoint and requeues the task.
+# Near the time limit (--signal=B:USR1@180) launch.runner makes the fold checkpoint and requeues the task;
+# --open-mode=append keeps the log of every attempt in one file.
 #SBATCH --job-name=dd-fold
 #SBATCH --array=0-7
 #SBATCH --ntasks=2
 #SBATCH --cpus-per-task=1
 #SBATCH --time=04:00:00
 #SBATCH --requeue
+#SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@180
 source "${DD_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/env.sh"
 

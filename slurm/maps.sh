@@ -8,6 +8,7 @@
 #SBATCH --cpus-per-task=1
 #SBATCH --time=02:00:00
 #SBATCH --requeue
+#SBATCH --open-mode=append
 source "${DD_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/env.sh"
 
 if [ -f "$DD_RUN_DIR/maps/overlap.nii.gz" ]; then

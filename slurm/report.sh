@@ -7,6 +7,7 @@
 #SBATCH --cpus-per-task=1
 #SBATCH --time=00:30:00
 #SBATCH --requeue
+#SBATCH --open-mode=append
 source "${DD_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/env.sh"
 
 "$DD_PYTHON" -m launch.runner --name analysis -- "$DD_PYTHON" -m dist_decode.analysis --run-dir "$DD_RUN_DIR"

@@ -70,8 +70,30 @@ def _wait_jobs(job_ids: list[str], timeout: float) -> None:
         if out.returncode == 0 and not out.stdout.strip():
             return
         time.sleep(0.25)
+    pytest.fail(f"jobs {ids} still queued/running after {timeout:.0f} s:\n{_diagnose(job_ids)}")
+
+
+def _diagnose(job_ids: list[str]) -> str:
+    """What SLURM says about stuck jobs (reasons, node state, the controller's last lines); then cancels them."""
+    cmds = [["squeue", "-o", "%i %j %T %M %r"], ["sinfo", "-N", "-o", "%N %T %C %E"],
+            ["tail", "-n", "15", "/var/log/slurm/slurmctld.log"]]
+    text = "\n".join(subprocess.run(c, capture_output=True, text=True).stdout for c in cmds)
     subprocess.run(["scancel", *job_ids])
-    pytest.fail(f"jobs {ids} still queued/running after {timeout:.0f} s:\n{out.stdout}")
+    return text
+
+
+def _start_requeued(job: str, timeout: float) -> None:
+    """Wait until a requeued job is PENDING again, then start it now rather than after SLURM's requeue delay.
+
+    slurmd rejects a job whose credential was issued in the same second as the revocation of its previous run
+    ("Killing non-startable batch job: Job credential revoked"), so the new start waits for the next second.
+    """
+    deadline = time.monotonic() + timeout
+    while slurmctl.job_state(job) != "PENDING":
+        assert time.monotonic() < deadline, slurmctl.job_info(job)
+        time.sleep(0.25)
+    time.sleep(2.0)
+    subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], check=True)
 
 
 def _sites(store: Path) -> list[str]:
@@ -183,11 +205,7 @@ def test_scontrol_requeue_of_a_running_fold_resumes_from_its_checkpoint(
         time.sleep(0.25)
     subprocess.run(["scontrol", "requeue", fold_job], check=True)
     # SLURM holds a requeued batch job back (BeginTime) for a while; let it start right away.
-    deadline = time.monotonic() + 60
-    while slurmctl.job_state(fold_job) != "PENDING":
-        assert time.monotonic() < deadline, slurmctl.job_info(fold_job)
-        time.sleep(0.25)
-    subprocess.run(["scontrol", "update", f"jobid={fold_job}", "starttime=now"], check=True)
+    _start_requeued(fold_job, 60)
     _wait_jobs([fold_job], 180)
     subprocess.run(["scancel", *[j["job_id"] for j in jobs.values()]])  # the rest of the chain is tested elsewhere
     info = slurmctl.job_info(fold_job)
@@ -220,11 +238,7 @@ def test_time_limit_warning_checkpoints_and_requeues_the_plain_sbatch_fold(
         assert not (run / "folds" / site / "DONE").exists(), "fold finished before the warning could be sent"
         time.sleep(0.25)
     subprocess.run(["scancel", "--batch", "--signal=USR1", task], check=True)
-    deadline = time.monotonic() + 90
-    while slurmctl.job_state(task) != "PENDING":
-        assert time.monotonic() < deadline, slurmctl.job_info(task)
-        time.sleep(0.25)
-    subprocess.run(["scontrol", "update", f"jobid={task}", "starttime=now"], check=True)
+    _start_requeued(task, 90)
     _wait_jobs([jid], 180)
     info = slurmctl.job_info(task)
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, info

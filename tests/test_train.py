@@ -315,3 +315,25 @@ def test_stop_flag_records_preemption_signals_and_restores_handlers():
         assert stop.signum == signal.SIGUSR1
     assert StopFlag.exit_code(signal.SIGUSR1) == 138 and StopFlag.exit_code(signal.SIGTERM) == 143
     assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_a_jit_build_lock_left_by_a_killed_process_is_cleared_but_a_live_builder_is_waited_for(tmp_path, monkeypatch):
+    from dist_decode.train.distributed import _exclusive_build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale = tmp_path / "deepspeed_shm_comm" / "lock"
+    stale.parent.mkdir()
+    stale.touch()  # torch's FileBaton file from a builder that was killed: nobody holds our fcntl lock
+    with _exclusive_build("deepspeed_shm_comm"):
+        assert not stale.exists()
+    # a live builder (another process holding the fcntl lock) is waited for, its files left alone
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "open(sys.argv[2], 'w').close(); print('held', flush=True); time.sleep(1.5)"),
+        str(stale.parent / "dist_decode.lock"), str(stale)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    t0 = time.monotonic()
+    with _exclusive_build("deepspeed_shm_comm"):
+        waited = time.monotonic() - t0
+    holder.wait()
+    assert waited > 0.5, "entered while another process held the build lock"

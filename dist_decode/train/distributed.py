@@ -13,6 +13,7 @@ plain process. :func:`setup_env` fills them in from whatever launched us, before
 """
 from __future__ import annotations
 
+import fcntl
 import importlib
 import logging
 import os
@@ -147,13 +148,44 @@ def _tolerate_missing_compiler() -> None:
 
     def build_shm_op():
         try:
-            return original()
+            with _exclusive_build("deepspeed_shm_comm"):
+                return original()
         except Exception as exc:  # compiler missing or broken: plain gloo still works
             log.warning("DeepSpeed shm all-reduce op could not be built (%s); using plain gloo", exc)
             return None
 
     build_shm_op._dist_decode_wrapped = True  # type: ignore[attr-defined]
     mod.build_shm_op = build_shm_op
+
+
+class _exclusive_build:
+    """Serialise a torch JIT extension build across processes, and clear a build lock left by a killed one.
+
+    torch's own lock (``<build dir>/lock``, a ``FileBaton``) is a plain file: when a builder dies mid-build (a fold
+    cancelled, preempted or timed out during its first ~30 s) the file stays and every later process waits on it
+    forever, holding its SLURM allocation. An ``fcntl`` lock dies with its holder, so whoever holds ours may treat
+    a leftover ``lock`` file as stale.
+    """
+
+    def __init__(self, name: str) -> None:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        self.build_dir = Path(_get_build_directory(name, verbose=False))
+        self.fh = None
+
+    def __enter__(self) -> "_exclusive_build":
+        self.build_dir.mkdir(parents=True, exist_ok=True)
+        self.fh = open(self.build_dir / "dist_decode.lock", "w")
+        fcntl.flock(self.fh, fcntl.LOCK_EX)
+        stale = self.build_dir / "lock"
+        if stale.exists():
+            log.warning("removing %s left by a build that was killed", stale)
+            stale.unlink(missing_ok=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
 
 
 def cleanup_shm(rank: int) -> None:
