@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 RUN_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv slurm-up slurm-down bench clean
+.PHONY: demo test venv slurm-up slurm-down clean
 
 venv:
 	@bash scripts/bootstrap.sh

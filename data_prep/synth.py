@@ -173,7 +173,9 @@ def resolve_preset(preset: str, voxel_mm: float | None = None, **overrides: Any)
 
     Parameters
     ----------
-    preset : {"tiny", "demo", "paper"}
+    preset : str
+        A key of :data:`PRESETS`: "tiny", "demo", "paper", or a planted variant "density", "small", "sites",
+        "two-factor".
     voxel_mm : float or None
         Overrides the preset's grid.
     **overrides
@@ -589,7 +591,9 @@ def synthesize(
     ----------
     out : path
         Cohort folder (created). Re-running with the same settings resumes; other settings raise.
-    preset : {"tiny", "demo", "paper"}
+    preset : str
+        A key of :data:`PRESETS`: "tiny", "demo", "paper", or a planted variant "density", "small", "sites",
+        "two-factor".
         Cohort size and grid.
     seed : int
         Root seed of every random draw.

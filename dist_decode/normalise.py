@@ -12,7 +12,7 @@ Every volume the models see goes through the same four steps, computed on the st
 
 then divided by one global ``scale`` (the pooled standard deviation inside the brain mask), so the network sees
 unit-variance inputs. Steps 3 and 4 use only each site's own volumes, never its labels, so they apply to a
-held-out site and to a new cohort in exactly the same way (``dist_decode.apply``).
+held-out site and to any later subject in exactly the same way.
 
 The statistics are computed in one streaming pass over the store (:meth:`Normaliser.compute`) and kept in
 ``RUN/normalisation.h5`` (:func:`ensure`, under a file lock so concurrent fold jobs compute them once). The
@@ -360,7 +360,7 @@ def model_inputs(run_dir: str | os.PathLike, store, cfg, rows: Sequence[int],
 
     Normalised with the run's ``normalisation.h5`` when the run normalises its inputs (raw store volumes
     otherwise, e.g. the 2022 anchor's recipe), then resampled to ``grid`` (the model's) when it differs from the
-    store's. This is exactly the trainer's input pipeline, for the analysis stages and ``dist_decode.apply``.
+    store's. This is exactly the trainer's input pipeline, for the analysis stages.
     """
     rows = [int(r) for r in rows]
     x = torch.from_numpy(np.stack([np.asarray(store.read(r), np.float32) for r in rows]))[:, None]

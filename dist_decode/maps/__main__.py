@@ -1,4 +1,4 @@
-"""``python -m dist_decode.maps --run-dir RUN``: healthy-twin Jacobians, per-site group maps, overlap heatmap."""
+"""``python -m dist_decode.maps --run-dir RUN``: healthy-twin subject maps, per-site group maps, overlap heatmap."""
 from __future__ import annotations
 
 import argparse
@@ -20,10 +20,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dist_decode.maps",
         description="For every finished LOSO fold: decode each held-out patient's reconstruction decoder([c,s]) "
-                    "and healthy twin decoder([c,0]), register twin -> recon with ANTs SyN, write the log "
-                    "Jacobian determinant (NIfTI, store grid); then per held-out site a thresholded one-sample "
-                    "test of log J, and across sites the overlap heatmap RUN/maps/overlap.nii.gz, a Dice matrix "
-                    "and a cluster table. Re-running skips finished work.")
+                    "and healthy twin decoder([c,0]) and write the subject maps (NIfTI, store grid): with "
+                    "maps.kind density (the default) the effect log(recon/twin) and the deviation "
+                    "log(observed/twin) of the grey-matter density; with maps.kind jacobian the log Jacobians of "
+                    "the ANTs SyN registrations twin -> recon and twin -> observed. Then per held-out site a "
+                    "thresholded one-sample test (maps.test_on; FWE sign-flip maxT by default), and across sites "
+                    "the overlap heatmap RUN/maps/overlap.nii.gz, a Dice matrix and a cluster table. Re-running "
+                    "skips finished work.")
     p.add_argument("--run-dir", required=True, type=Path, help="run directory (with manifest.json and folds/)")
     p.add_argument("--workers", type=int, default=None,
                    help="registration processes (default: config maps.workers; 0 = one per core; 1 = in-process)")
@@ -31,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K/N: register only every N-th subject from K (SLURM array / MPI rank); 'auto' reads "
                         "RANK/WORLD_SIZE, PMI_RANK/PMI_SIZE, SLURM_PROCID/SLURM_NTASKS or SLURM_ARRAY_TASK_*")
     p.add_argument("--stage", choices=("all", "jacobians", "group"), default="all",
-                   help="jacobians: only the per-subject maps; group: only group maps + overlap; all: both")
+                   help="jacobians: only the per-subject maps (either kind); group: only group maps + overlap; all: both")
     p.add_argument("--fold", action="append", default=None, metavar="K",
                    help="only this fold (index into the store's sites, or site name; repeatable): its subject and "
                         "group maps, no overlap; run once more without --fold (or with --combine) to combine")

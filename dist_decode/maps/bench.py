@@ -63,7 +63,7 @@ def bench_registration(grids: list[str], schedules: list[tuple[int, ...]]) -> li
 
 def bench_pool(workers: int, n: int = 6) -> dict:
     from dist_decode.maps.jacobian import SynSettings
-    from dist_decode.maps.pipeline import _subject_task
+    from dist_decode.maps.pipeline import _syn_task
 
     vox, shape = GRIDS["3"]
     pairs = [_pair(vox, shape, a)[:3] for a in np.linspace(0.1, 0.4, n)]
@@ -72,8 +72,9 @@ def bench_pool(workers: int, n: int = 6) -> dict:
         for nw in sorted({1, workers}):
             t = time.perf_counter()
             with cf.ProcessPoolExecutor(nw, mp_context=mp.get_context("spawn")) as pool:
-                futs = [pool.submit(_subject_task, f"{tmp}/w{nw}_{i}.nii.gz", tw[None], rc[None], aff,
-                                    SynSettings(seed=i), False) for i, (tw, rc, aff) in enumerate(pairs)]
+                futs = [pool.submit(_syn_task, f"{tmp}/w{nw}_{i}_effect.nii.gz", f"{tmp}/w{nw}_{i}_deviation.nii.gz",
+                                    tw[None], rc[None], rc, np.ones(tw.shape, np.float32), aff, SynSettings(seed=i),
+                                    False) for i, (tw, rc, aff) in enumerate(pairs)]
                 for f in futs:
                     f.result()
             out[f"seconds_{nw}_workers"] = round(time.perf_counter() - t, 2)

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--expect-ranks", type=int, help="fail unless the MPI world has exactly this many ranks")
     r.add_argument("--force", action="store_true", help="recompute even when rsa.json exists")
     r.add_argument("--allow-missing-folds", action="store_true",
-                   help="run mode: analyse the folds that have features.h5 and leave out the others")
+                   help="run mode: analyse the finished folds (DONE) and leave out the others")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
