@@ -57,11 +57,11 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
     "noise scale 1": ("loss.noise_scale 1 (the median eigenvalue itself)", ["loss.noise_scale=1"], []),
     "plain VAE": ("model.name vae: one encoder, same blocks and size (its one space is shown as C and as S)",
                   ['model.name="vae"', 'loss.match_c="none"', "loss.control_s_weight=0"], []),
-    "anchor 2022": ("the published CVAE at 64^3 on raw volumes, 80 steps (15 s per step on one core: ~10x the CPU "
+    "anchor 2022": ("the published CVAE at 64^3 on raw volumes, 20 steps (15 s per step on one core: ~2x the CPU "
                     "time of a DECODE-SZ fold)",
                     ['model.name="anchor2022"', "data.grid=[64,64,64]", 'data.proportional_scaling="none"',
                      "data.smooth_fwhm_mm=0", "data.site_gain=false", "data.site_center=false",
-                     'model.route="joint"', "train.steps=80", "train.checkpoint_every=40"], []),
+                     'model.route="joint"', "train.steps=20", "train.checkpoint_every=10"], []),
     "previous defaults": ("before issue 9: raw volumes at 40x48x40, nonlinear joint decoder, 200 steps",
                           ["data.grid=[40,48,40]", 'data.proportional_scaling="none"', "data.smooth_fwhm_mm=0",
                            "data.site_gain=false", "data.site_center=false", 'model.encoder="nonlinear"',
@@ -104,7 +104,7 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()
 
 
-def run_variant(work: Path, cohort: str, variant: str, store: Path) -> dict:
+def run_variant(work: Path, cohort: str, variant: str, store: Path, folds: str = "all") -> dict:
     """Run one (cohort, variant) and return its recovery metrics.
 
     Everything runs in subprocesses (the pipeline's own CLIs, ``python -m dist_decode.analysis`` for the
@@ -112,13 +112,14 @@ def run_variant(work: Path, cohort: str, variant: str, store: Path) -> dict:
     """
     _, train_sets, maps_sets = VARIANTS[variant]
     py = sys.executable
-    log = work / "logs" / f"{cohort}-{slug(variant)}.log"
+    tag = slug(variant) if folds == "all" else f"{slug(variant)}--folds-{slug(folds)}"
+    log = work / "logs" / f"{cohort}-{tag}.log"
     t0 = time.time()
     if train_sets is None:  # a maps variant: the full run's folds, the maps stage again with other settings
-        base = work / "runs" / cohort / "full"
+        base = work / "runs" / cohort / ("full" if folds == "all" else f"full--folds-{slug(folds)}")
         if not (base / "report" / "index.html").is_file():
-            raise RuntimeError(f"maps variant {variant!r} needs the full run of {cohort} first")
-        run = work / "runs" / cohort / slug(variant)
+            raise RuntimeError(f"maps variant {variant!r} needs the full run of {cohort} (folds {folds}) first")
+        run = work / "runs" / cohort / tag
         if run.exists():
             shutil.rmtree(run)
         run.mkdir(parents=True)
@@ -131,10 +132,10 @@ def run_variant(work: Path, cohort: str, variant: str, store: Path) -> dict:
            log)
         sh([py, "-m", "dist_decode.maps", "--run-dir", str(run), "--no-progress"], log)
     else:
-        run = work / "runs" / cohort / slug(variant)
+        run = work / "runs" / cohort / tag
         sets = [a for s in train_sets + maps_sets + ["rsa.permutations=200", "rsa.block_size=100"] for a in ("--set", s)]
         sh([py, "-m", "launch.submit", "--store", str(store), "--run-dir", str(run), "--profile", "cpu", *sets,
-            "--folds", "all", "--cluster", "local", "--max-parallel", str(os.cpu_count() or 1)], log)
+            "--folds", folds, "--cluster", "local", "--max-parallel", str(os.cpu_count() or 1)], log)
     wall = time.time() - t0
     sh([py, "-m", "dist_decode.analysis", "--run-dir", str(run)], log)
     rec = json.loads((run / "analysis" / "analysis.json").read_text())["recovery"]
@@ -147,7 +148,7 @@ def run_variant(work: Path, cohort: str, variant: str, store: Path) -> dict:
         values["S~common"] = values["C~common"]
     folds = sorted(p.parent.name for p in (run / "folds").glob("*/DONE"))
     done = json.loads((run / "folds" / folds[0] / "DONE").read_text())
-    return {"cohort": cohort, "variant": variant, "what": VARIANTS[variant][0], "run": str(run),
+    return {"cohort": cohort, "variant": variant, "folds": folds, "what": VARIANTS[variant][0], "run": str(run),
             "n_parameters": done.get("n_parameters"), "steps": done.get("steps"), "wall_s": round(wall, 1),
             "fold_wall_s": [json.loads((run / "folds" / s / "DONE").read_text()).get("wall_s") for s in folds],
             "metrics": {m: values.get(m) for m in METRICS},
@@ -159,10 +160,10 @@ def table(results: list[dict]) -> str:
     """Markdown table of the results (one row per run)."""
     from dist_decode.analysis.recovery import GOALS, met  # pure functions: safe in a long-running process
 
-    head = "| cohort | variant | parameters | " + " | ".join(METRICS) + " | oracle spec~com | min/fold |"
-    goal = "| | **goal** | | " + " | ".join(
+    head = "| cohort | variant | folds | parameters | " + " | ".join(METRICS) + " | oracle spec~com | min/fold |"
+    goal = "| | **goal** | | | " + " | ".join(
         {">=": "≥ ", "<=": "≤ ", "abs<=": "\\|.\\| ≤ "}[GOALS[m][0]] + f"{GOALS[m][1]:g}" for m in METRICS) + " | | |"
-    lines = [head, "|" + "---|" * (len(METRICS) + 5), goal]
+    lines = [head, "|" + "---|" * (len(METRICS) + 6), goal]
     for r in results:
         cells = []
         for m in METRICS:
@@ -173,7 +174,7 @@ def table(results: list[dict]) -> str:
             ok = met(m, v)
             cells.append(f"{'**' if ok else ''}{v:.2f}{'**' if ok else ''}")
         fw = [w for w in r.get("fold_wall_s") or [] if w]
-        lines.append(f"| {r['cohort']} | {r['variant']} | {r['n_parameters']:,} | " + " | ".join(cells)
+        lines.append(f"| {r['cohort']} | {r['variant']} | {r.get('folds', 'all')} | {r['n_parameters']:,} | " + " | ".join(cells)
                      + f" | {r['oracle']:.2f} | {sum(fw) / max(1, len(fw)) / 60:.1f} |")
     return "\n".join(lines)
 
@@ -183,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, required=True, help="cohorts, stores, runs and science.json go here")
     ap.add_argument("--cohorts", default="demo", help=f"comma-separated, from {sorted(COHORTS)} (default demo)")
     ap.add_argument("--variants", default="all", help="comma-separated variant names (default: all)")
+    ap.add_argument("--folds", default="all",
+                    help="LOSO folds of every run (launch.submit --folds; default all). Ablations on a few folds "
+                         "compare with the full method on the same folds, never with an all-fold row")
     ap.add_argument("--table-only", action="store_true", help="print the table of WORKDIR/science.json and stop")
     args = ap.parse_args(argv)
     work = args.workdir.absolute()
@@ -199,11 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     for cohort in cohorts:
         store = prepare(work, cohort)
         for variant in variants:
-            if any(r["cohort"] == cohort and r["variant"] == variant for r in results):
+            if any(r["cohort"] == cohort and r["variant"] == variant and r.get("folds", "all") == args.folds
+                   for r in results):
                 continue
-            print(f"== {cohort} / {variant}", flush=True)
+            print(f"== {cohort} / {variant} (folds {args.folds})", flush=True)
             try:
-                r = run_variant(work, cohort, variant, store)
+                r = run_variant(work, cohort, variant, store, args.folds)
             except RuntimeError as exc:
                 print(f"   failed: {exc}", flush=True)
                 continue

@@ -46,6 +46,20 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
         return default
 
 
+def open_hdf5(path: str | os.PathLike, missing: str) -> Any:
+    """Open an HDF5 file for reading: ``FileNotFoundError(missing)`` when absent, a ``ValueError`` naming the file
+    when it is not HDF5 (a NIfTI or a file cut by a crash); use it as a context manager."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(missing)
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise ValueError(f"{path}: not a readable HDF5 file ({exc})") from exc
+
+
 def save_nifti(path: str | os.PathLike, data: Any, affine: Any) -> None:
     """Write a NIfTI volume atomically: float32 (integer arrays keep their type), mm units, MNI sform/qform.
 

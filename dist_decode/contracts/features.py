@@ -22,7 +22,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from dist_decode.fsutil import atomic_path
+from dist_decode.fsutil import atomic_path, open_hdf5
 
 FILE = "features.h5"
 TEXT = ("participant_id", "site", "diagnosis", "split")
@@ -114,13 +114,7 @@ def read(path: str | os.PathLike, split: str | None = None, samples: bool = True
         Not HDF5, a required dataset missing, datasets of different lengths, or no row in ``split``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: fold {path.parent.name} has no features (train it first)")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise ValueError(f"{path}: not a readable HDF5 file ({exc})") from exc
-    with f:
+    with open_hdf5(path, f"{path} not found: fold {path.parent.name} has no features (train it first)") as f:
         missing = [k for k in REQUIRED if k not in f]
         if missing:
             raise ValueError(f"{path}: missing dataset(s) {missing}")

@@ -12,7 +12,7 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers compression filters with h5py)
 import numpy as np
 
-from dist_decode.fsutil import atomic_path, atomic_write_json, atomic_write_text
+from dist_decode.fsutil import atomic_path, atomic_write_json, atomic_write_text, open_hdf5
 from dist_decode.rsa.analysis import MARK_P, MARK_TAU
 
 log = logging.getLogger(__name__)
@@ -46,13 +46,7 @@ def read_features(path: str | os.PathLike, spaces: list[str] | None = None
         Naming the file and the dataset that is missing or misshapen.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"features file {path} not found")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise ValueError(f"{path}: not a readable HDF5 file ({exc})") from exc
-    with f:
+    with open_hdf5(path, f"features file {path} not found") as f:
         if "participant_id" not in f:
             raise ValueError(f"{path}: no 'participant_id' dataset")
         ids = _strings(f["participant_id"])
