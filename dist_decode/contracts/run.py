@@ -2,7 +2,9 @@
 
 ::
 
-    RUN/manifest.json      the store the run is bound to (path + sha256 of its manifest), fold order, provenance
+    RUN/manifest.json      the store the run is bound to (path + sha256 of its manifest), its LOSO folds (fold index
+                           -> held-out site; sites that cannot be held out are listed apart, with the reason),
+                           provenance
     RUN/config.json        the run's one RunConfig; every stage reads it
     RUN/normalisation.h5   input normalisation statistics (dist_decode.normalise)
     RUN/folds/<site>/      one LOSO fold; DONE marks it finished
@@ -186,11 +188,13 @@ def bind(run: RunDir, store_path: str | os.PathLike, cfg: RunConfig, created_by:
     store_path = Path(store_path).resolve()
     manifest = store_contract.read_manifest(store_path)
     digest = store_contract.manifest_sha256(store_path)
+    fold_sites = set(store_contract.fold_sites(manifest))
     run.path.mkdir(parents=True, exist_ok=True)
     _create(run.config_path, cfg.to_json() + "\n")
     _create(run.manifest_path, json.dumps({
         "store": str(store_path), "store_manifest_sha256": digest,
-        "folds": {str(i): s for i, s in enumerate(manifest["sites"])},
+        "folds": {str(i): s for i, s in enumerate(manifest["sites"]) if s in fold_sites},
+        "not_held_out": store_contract.ineligible_sites(manifest),
         "git_commit": provenance.git_commit(), "versions": provenance.versions(), "created_by": created_by,
         "created_utc": provenance.now_utc()}, indent=2) + "\n")
     m = run.manifest()
