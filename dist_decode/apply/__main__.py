@@ -25,8 +25,8 @@ STAGES = ("all", "model", "maps", "rsa", "analysis", "report")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m dist_decode.apply", description=__doc__.split("\n\n")[0].split(": ", 1)[1] + "\n\n"
-        + __doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m dist_decode.apply", description=__doc__.split("\n\n")[0].split(": ", 1)[1].capitalize()
+        + "\n\n" + __doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Stages (--stage): model (per fold model: features.h5 and the new patients' maps; --model narrows "
                "it), maps (mean over the models), rsa, analysis, report; all = every stage in turn.\n"
                "Examples:\n"
