@@ -38,6 +38,24 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
 
 
+def create_once(path: str | os.PathLike, text: str) -> bool:
+    """Create ``path`` with ``text`` unless it exists: complete or not at all, never overwritten (a hard link of a
+    finished temporary file, so concurrent writers cannot half-write it). Returns True when this call created it."""
+    path = Path(path)
+    if path.exists():
+        return False
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        atomic_write_text(tmp, text)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def read_json(path: str | os.PathLike, default: Any = None) -> Any:
     """The JSON content of ``path``, or ``default`` when it is missing or unreadable (a file cut by a crash)."""
     try:

@@ -150,6 +150,9 @@ class Normaliser:
         Voxel sizes of the store grid.
     store_hash : str
         sha256 of the store's ``manifest.json``.
+    site_total_mean : float or None
+        The mean over sites of the site totals (ml), the divisor of ``site_gain``: a new cohort's site gains are
+        relative to its trained run's (None in files written before it was recorded).
     """
 
     settings: NormaliseSettings
@@ -163,20 +166,23 @@ class Normaliser:
     site_index: np.ndarray
     voxel_mm: tuple[float, float, float]
     store_hash: str
+    site_total_mean: float | None = None
 
     # .. computing ..
     @classmethod
     def compute(cls, store, settings: NormaliseSettings, reference: float | None = None,
-                scale: float | None = None, progress: bool = True) -> "Normaliser":
+                scale: float | None = None, progress: bool = True,
+                site_total_mean: float | None = None) -> "Normaliser":
         """One streaming pass over ``store``.
 
         Parameters
         ----------
         store : dist_decode.data.Store
         settings : NormaliseSettings
-        reference, scale : float, optional
-            Reuse a trained run's reference and scale (a new cohort must land in the units the model learned);
-            by default both come from ``store``.
+        reference, scale, site_total_mean : float, optional
+            Reuse a trained run's reference, scale and mean site total (a new cohort must land in the units the
+            model learned: :meth:`applied_to`); by default all come from ``store``. Site means and gains always come
+            from each site's own volumes, as for a held-out site.
 
         Raises
         ------
@@ -232,7 +238,9 @@ class Normaliser:
                 s1[site_index[i]] += vn
                 s2[site_index[i]] += vn * vn
         site_total = np.array([total[site_index == k].mean() if counts[k] else 0.0 for k in range(len(sites))])
-        gain = site_total / site_total[counts > 0].mean() if settings.site_gain else np.ones(len(sites))
+        if site_total_mean is None:
+            site_total_mean = float(site_total[counts > 0].mean())
+        gain = site_total / site_total_mean if settings.site_gain else np.ones(len(sites))
         gain = np.where(counts > 0, gain, 1.0)
         nk = np.maximum(counts, 1)[:, None, None, None]
         g = gain[:, None, None, None]
@@ -251,7 +259,7 @@ class Normaliser:
             site_gain=gain.astype(np.float64), reference=ref, scale=float(scale),
             participant_id=np.asarray(store.participant_ids).astype(str),
             factor=(w / gain[site_index]).astype(np.float64), site_index=site_index, voxel_mm=vox,
-            store_hash=store_hash(store.path),
+            store_hash=store_hash(store.path), site_total_mean=float(site_total_mean),
         )
 
     # .. files ..
@@ -267,6 +275,8 @@ class Normaliser:
                 f.attrs["scale"] = self.scale
                 f.attrs["voxel_mm"] = list(self.voxel_mm)
                 f.attrs["store_manifest_sha256"] = self.store_hash
+                if self.site_total_mean is not None:
+                    f.attrs["site_total_mean"] = self.site_total_mean
                 f.attrs["created_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
                 f.create_dataset("site_gain", data=self.site_gain)
                 f.create_dataset("factor", data=self.factor)
@@ -303,9 +313,39 @@ class Normaliser:
                     factor=f["factor"][...], site_index=f["site_index"][...],
                     voxel_mm=tuple(float(v) for v in f.attrs["voxel_mm"]),
                     store_hash=str(f.attrs["store_manifest_sha256"]),
+                    site_total_mean=(float(f.attrs["site_total_mean"]) if "site_total_mean" in f.attrs else None),
                 )
         except (OSError, KeyError) as exc:
             raise ValueError(f"{path}: damaged normalisation statistics ({exc})") from exc
+
+    # .. a new cohort in a trained run's units ..
+    def run_site_total_mean(self, mask: np.ndarray) -> float | None:
+        """The mean site total (ml) the site gains are relative to: the recorded one, else (files written before
+        it was recorded) recovered from the site means and gains inside the run store's brain ``mask``.
+
+        Raises
+        ------
+        ValueError
+            When it was not recorded and cannot be recovered (site gain without site centring).
+        """
+        if self.site_total_mean is not None or not self.settings.site_gain:
+            return self.site_total_mean
+        if self.site_mean is None:
+            raise ValueError("the run's normalisation.h5 predates the recorded mean site total and has no site means "
+                             "to recover it from; recompute it with this version (a new run directory)")
+        vox_ml = float(np.prod(self.voxel_mm)) / 1000.0
+        present = np.bincount(self.site_index, minlength=len(self.sites)) > 0
+        m = np.asarray(mask, bool)
+        totals = np.array([float(self.site_mean[k][m].sum(dtype=np.float64)) * float(self.site_gain[k]) * vox_ml
+                           for k in range(len(self.sites))])
+        return float(totals[present].mean())
+
+    def applied_to(self, store, mask: np.ndarray, progress: bool = True) -> "Normaliser":
+        """Statistics of another store (a new cohort) in this run's units: the same settings, proportional-scaling
+        reference, global scale and mean site total; each new site's mean and gain from its own volumes, exactly
+        as a held-out site's. ``mask``: the run store's brain mask (see :meth:`run_site_total_mean`)."""
+        return Normaliser.compute(store, self.settings, reference=self.reference, scale=self.scale,
+                                  progress=progress, site_total_mean=self.run_site_total_mean(mask))
 
     # .. using it ..
     def kernels(self) -> list[torch.Tensor] | None:
@@ -397,24 +437,41 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def ensure(run_dir: str | os.PathLike, store, settings: NormaliseSettings, progress: bool = True) -> Normaliser:
+def ensure(run_dir: str | os.PathLike, store, settings: NormaliseSettings, progress: bool = True,
+           like: tuple[Normaliser, np.ndarray] | None = None) -> Normaliser:
     """The run's normalisation statistics: read ``RUN/normalisation.h5``, or compute and write it once.
 
     Concurrent callers (fold jobs, ranks) serialise on a lock file; the first computes, the others read.
 
+    Parameters
+    ----------
+    run_dir : path
+        The directory of ``normalisation.h5`` (a run, or a ``dist_decode.apply`` output).
+    like : (Normaliser, mask), optional
+        A trained run's statistics and its store's brain mask: ``store`` is a new cohort, normalised in that run's
+        units (:meth:`Normaliser.applied_to`).
+
     Raises
     ------
     ValueError
-        When the existing file was made from another store or with other settings (naming both).
+        When the existing file was made from another store, with other settings or (``like``) in other units
+        (naming both).
     """
     path = Path(run_dir) / FILE
     with _locked(Path(run_dir) / f".{FILE}.lock"):
         if path.is_file():
             norm = Normaliser.load(path)
             _check(norm, path, store, settings)
+            if like is not None and (norm.reference, norm.scale) != (like[0].reference, like[0].scale):
+                raise ValueError(f"{path} was computed in other units (reference {norm.reference:.6g}, scale "
+                                 f"{norm.scale:.6g}) than the run's ({like[0].reference:.6g}, {like[0].scale:.6g}); "
+                                 "use a new output directory")
             return norm
         t0 = time.perf_counter()
-        norm = Normaliser.compute(store, settings, progress=progress)
+        if like is None:
+            norm = Normaliser.compute(store, settings, progress=progress)
+        else:
+            norm = like[0].applied_to(store, like[1], progress=progress)
         norm.save(path)
         log.info("normalisation statistics of %d subjects at %d sites -> %s (%.1f s)", store.n, len(norm.sites),
                  path, time.perf_counter() - t0)

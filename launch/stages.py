@@ -9,6 +9,12 @@ depends on::
 
 With ``maps_split="subject"`` the maps' per-subject work is instead split over ``maps_jobs`` jobs by subject
 (``--stage jacobians --shard K/N``) after all folds, then one combining job.
+
+A trained run applied to a new cohort (:func:`build_apply_plan`, ``launch.apply``), every job one
+``python -m dist_decode.apply --stage ...`` command::
+
+    apply-K (one per fold model)  ->  apply-maps (mean over the models)  ->  apply-analysis  ->  apply-report
+                                  \\-> apply-rsa ------------------------/
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dist_decode.contracts import store as store_contract
+from dist_decode.contracts.apply import ApplyDir
 from dist_decode.contracts.run import RunDir
 
 #: Stage kinds in pipeline order, with the module each one runs.
@@ -28,6 +35,11 @@ MODULES = {
     "rsa": "dist_decode.rsa",
     "analysis": "dist_decode.analysis",
     "report": "dist_decode.report",
+    "apply_model": "dist_decode.apply",
+    "apply_maps": "dist_decode.apply",
+    "apply_rsa": "dist_decode.apply",
+    "apply_analysis": "dist_decode.apply",
+    "apply_report": "dist_decode.apply",
 }
 
 
@@ -217,6 +229,37 @@ def build_plan(
                         done=rundir.completion("analysis")))
     stages.append(Stage(name="report", kind="report", deps=["analysis"], args=["--run-dir", str(run)],
                         done=rundir.completion("report")))
+    return stages
+
+
+def build_apply_plan(run_dir: str | os.PathLike, store: str | os.PathLike, out: str | os.PathLike,
+                     models: dict[int, str], *, rsa_ranks: int = 1) -> list[Stage]:
+    """The stages of ``dist_decode.apply`` of ``run_dir`` on the new ``store`` into ``out``, in dependency order.
+
+    Parameters
+    ----------
+    run_dir, store, out : path
+        The trained run, the new cohort's store, the apply directory (made absolute).
+    models : dict of int to str
+        The fold models to apply: fold index -> held-out site (``OUT/manifest.json``'s models).
+    rsa_ranks : int
+        MPI ranks of the RSA job.
+    """
+    common = ["--run-dir", str(Path(run_dir).absolute()), "--store", str(Path(store).absolute()),
+              "--out", str(Path(out).absolute()), "--no-progress"]
+    applied = ApplyDir(Path(out).absolute())
+    stages = [Stage(name=f"apply-{k}", kind="apply_model", fold=k, args=[*common, "--stage", "model", "--model", str(k)],
+                    done=applied.completion("model", site)) for k, site in models.items()]
+    names = [s.name for s in stages]
+    stages.append(Stage(name="apply-maps", kind="apply_maps", deps=list(names), args=[*common, "--stage", "maps"],
+                        done=applied.completion("maps")))
+    stages.append(Stage(name="apply-rsa", kind="apply_rsa", deps=list(names), ntasks=max(1, rsa_ranks), mpi=True,
+                        args=[*common, "--stage", "rsa", "--expect-ranks", str(max(1, rsa_ranks))],
+                        done=applied.completion("rsa")))
+    stages.append(Stage(name="apply-analysis", kind="apply_analysis", deps=["apply-maps", "apply-rsa"],
+                        args=[*common, "--stage", "analysis"], done=applied.completion("analysis")))
+    stages.append(Stage(name="apply-report", kind="apply_report", deps=["apply-analysis"],
+                        args=[*common, "--stage", "report"], done=applied.completion("report")))
     return stages
 
 

@@ -368,7 +368,16 @@ def launch(store: Path, run_dir: Path, opts: argparse.Namespace) -> int:
     The run directory is bound to ``store`` and its config already (every stage reads ``RUN/config.json``).
     """
     store, run_dir = store.absolute(), run_dir.absolute()
-    stages = plan_run(store, run_dir, opts, [])
+    return execute(plan_run(store, run_dir, opts, []), store, run_dir, opts)
+
+
+def execute(stages: list[Stage], store: Path, run_dir: Path, opts: argparse.Namespace) -> int:
+    """Submit a plan (or print it with ``--dry-run``) and, locally or with ``--wait``, follow it to its report.
+
+    ``run_dir`` is where the plan's outputs go (a run directory, or an apply directory for ``launch.apply``): its
+    ``launch/`` folder records the plan, the jobs and their logs, and ``report/index.html`` is the last stage's
+    completion file. Returns the process exit status.
+    """
     cluster = resolve_cluster(opts.cluster)
     if opts.dry_run:
         print(f"cluster: {cluster}\nrun directory: {run_dir}")

@@ -123,3 +123,22 @@ def test_settings_are_validated():
     with pytest.raises(ValueError, match="smooth_fwhm_mm"):
         NormaliseSettings(smooth_fwhm_mm=-1).validate()
     assert not NormaliseSettings("none", 0.0, False, False).active
+
+
+def test_another_store_in_a_runs_units_is_normalised_like_its_held_out_sites(tiny_store, tmp_path):
+    """Normaliser.applied_to: a site's mean and gain come from its own volumes and the run's reference, scale and
+    mean site total, so the run's own store gets back exactly the run's statistics; older files without the recorded
+    mean site total recover it from the site means."""
+    store = Store.open(tiny_store)
+    norm = Normaliser.compute(store, NormaliseSettings(), progress=False)
+    assert norm.site_total_mean > 0
+    norm.save(tmp_path / "n.h5")
+    assert Normaliser.load(tmp_path / "n.h5").site_total_mean == pytest.approx(norm.site_total_mean)
+    old = Normaliser.load(tmp_path / "n.h5")
+    old.site_total_mean = None
+    assert old.run_site_total_mean(store.mask) == pytest.approx(norm.site_total_mean, rel=1e-5)
+    again = old.applied_to(store, store.mask, progress=False)
+    np.testing.assert_allclose(again.site_gain, norm.site_gain, rtol=1e-5)
+    np.testing.assert_allclose(again.factor, norm.factor, rtol=1e-5)
+    np.testing.assert_allclose(again.site_mean, norm.site_mean, rtol=1e-4, atol=1e-6)
+    assert (again.reference, again.scale) == (norm.reference, norm.scale)

@@ -54,6 +54,19 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "store"
 
 
+@pytest.fixture(scope="module")
+def mixed_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like ``store`` but its third site has controls only: the packer marks it ``loso_ineligible``."""
+    from data_prep.pack import pack
+    from data_prep.synth import synthesize
+
+    root = tmp_path_factory.mktemp("slurm_mixed")
+    synthesize(root / "cohort", "tiny", seed=3, voxel_mm=8.0, progress=False, site_sizes=[8, 8, 8],
+               site_patients=[4, 4, 0], poor_quality_fraction=0.0)
+    pack(root / "cohort", root / "cohort" / "participants.tsv", root / "store", progress=False)
+    return root / "store"
+
+
 def _config(path: Path, extra: list[str] = ()) -> Path:
     from dist_decode.config import RunConfig, override
 
@@ -118,21 +131,27 @@ def test_slurm_up_is_idempotent_and_srun_pmi2_gives_one_mpi_world(slurm: None, t
     assert "size=2" in lines and "rank=0" in lines and "rank=1" in lines and lines.count("sum=3") == 2
 
 
-def test_sbatch_loso_array_route_end_to_end(slurm: None, store: Path, tmp_path: Path) -> None:
-    """slurm/submit_all.sh: the fold array (2 srun ranks per fold), maps, RSA (srun --mpi=pmi2), report."""
+def test_sbatch_loso_array_route_end_to_end(slurm: None, mixed_store: Path, tmp_path: Path) -> None:
+    """slurm/submit_all.sh: the fold array (2 srun ranks per fold), maps, RSA (srun --mpi=pmi2), report, on a store
+    whose third site has controls only (no fold of its own, no extra flag anywhere)."""
+    store = mixed_store
     run = tmp_path / "run"
     cfg = _config(tmp_path / "cfg.json")
     res = subprocess.run(["bash", str(REPO / "slurm" / "submit_all.sh")], capture_output=True, text=True,
                          env=_env(DD_STORE=str(store), DD_RUN_DIR=str(run), DD_CONFIG=str(cfg), DD_FOLD_TASKS="2"),
                          cwd=tmp_path)
     assert res.returncode == 0, res.stderr
+    assert "(array 0-1)" in res.stderr, res.stderr
     fold, maps, rsa, report = res.stdout.split()
     _wait_jobs([fold, maps, rsa, report], 240)
     for jid in (maps, rsa, report):
         assert slurmctl.job_state(jid) == "COMPLETED", (jid, (run / "launch" / "slurm").iterdir())
-    for site in _sites(store):
+    sites = _sites(store)
+    for site in sites[:2]:
         done = json.loads((run / "folds" / site / "DONE").read_text())
         assert done["world_size"] == 2, f"fold {site} did not run with the 2 srun ranks of its task"
+    assert not (run / "folds" / sites[2]).exists()
+    assert json.loads((run / "rsa" / "rsa.json").read_text())["sites"] == sites[:2]
     assert (run / "maps" / "overlap.nii.gz").is_file()
     rsa_log = next((run / "launch" / "slurm").glob("dd-rsa-*.out")).read_text()
     assert "2 rank(s)" in rsa_log, rsa_log[-2000:]
@@ -178,6 +197,47 @@ def test_launch_submit_slurm_failing_fold_blocks_report_and_rerun_completes_the_
     assert jobs_after["fold-0"]["job_id"] == jobs_before["fold-0"]["job_id"]
     assert jobs_after["fold-1"]["job_id"] != jobs_before["fold-1"]["job_id"]
     assert (run / "folds" / sites[1] / "DONE").is_file()
+
+
+def test_launch_submit_slurm_store_with_a_controls_only_site_reports_why_it_was_not_held_out(
+        slurm: None, mixed_store: Path, tmp_path: Path) -> None:
+    """launch.submit --folds all on a store with a controls-only site: no fold and no extra flag for it, its subjects
+    train every fold, every stage finishes, and the report says which site was not held out and why."""
+    store = mixed_store
+    sites = _sites(store)
+    reason = {e["site"]: e["reason"] for e in json.loads((store / "manifest.json").read_text())["loso_ineligible"]}
+    assert list(reason) == [sites[2]] and "no patients" in reason[sites[2]]
+    run = tmp_path / "run"
+    cfg = _config(tmp_path / "cfg.json")
+    res = subprocess.run([PY, "-m", "launch.submit", "--store", str(store), "--run-dir", str(run), "--folds", "all",
+                          "--cluster", "slurm", "--config", str(cfg), "--wait", "--poll", "0.25"],
+                         capture_output=True, text=True, env=_env(), timeout=400)
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    plan = json.loads((run / "launch" / "plan.json").read_text())
+    assert sorted(s["name"] for s in plan["stages"] if s["kind"] == "fold") == ["fold-0", "fold-1"]
+    rsa_stage = next(s for s in plan["stages"] if s["kind"] == "rsa")
+    assert "--allow-missing-folds" not in rsa_stage["argv"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["folds"] == {"0": sites[0], "1": sites[1]} and manifest["not_held_out"] == reason
+    assert not (run / "folds" / sites[2]).exists()
+    # the controls-only site trains every fold (train or validation rows of each fold's features)
+    from dist_decode.contracts import features
+
+    for site in sites[:2]:
+        f = features.read(run / "folds" / site / "features.h5", samples=False)
+        assert (f.site[f.split != "test"] == sites[2]).sum() == 8 and set(f.site[f.split == "test"]) == {site}
+    rsa = json.loads((run / "rsa" / "rsa.json").read_text())
+    assert rsa["sites"] == sites[:2] and rsa["missing_folds"] == []
+    maps = json.loads((run / "maps" / "maps.json").read_text())
+    assert maps["sites_missing_fold"] == [] and sites[2] not in maps["sites"]
+    analysis = json.loads((run / "analysis" / "analysis.json").read_text())
+    assert analysis["cohort"]["ineligible"] == reason and analysis["folds"]["missing"] == []
+    row = next(r for r in analysis["cohort"]["sites"] if r["site"] == sites[2])
+    assert row["held out"] == f"no: {reason[sites[2]]}"
+    html = (run / "report" / "index.html").read_text()
+    assert f"Sites not held out (their subjects train every fold): <b>{sites[2]}</b> ({reason[sites[2]]})" in html
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert report["missing"] == [], report["missing"]
 
 
 def test_scontrol_requeue_of_a_running_fold_resumes_from_its_checkpoint(

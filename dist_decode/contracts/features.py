@@ -1,7 +1,9 @@
 """``RUN/folds/<site>/features.h5``: the latent features of every subject of one LOSO fold.
 
 Rows: the fold's training subjects, then validation, then the held-out site (``split`` = ``train`` / ``val`` /
-``test``), each in store order. Datasets (row-aligned)::
+``test``), each in store order. A fold model applied to a new cohort (``dist_decode.apply``) writes the same file for
+every subject of the new store, in store order, with ``split`` = ``apply`` (and the attributes ``applied_to``,
+``run``). Datasets (row-aligned)::
 
     participant_id, site, diagnosis, split     strings
     index                                      int64, the subject's row in the store
@@ -102,7 +104,7 @@ def read(path: str | os.PathLike, split: str | None = None, samples: bool = True
     ----------
     path : path
         ``features.h5``.
-    split : {"train", "val", "test"}, optional
+    split : {"train", "val", "test", "apply"}, optional
     samples : bool
         Also read the posterior samples (the largest datasets).
 

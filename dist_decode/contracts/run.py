@@ -2,7 +2,9 @@
 
 ::
 
-    RUN/manifest.json      the store the run is bound to (path + sha256 of its manifest), fold order, provenance
+    RUN/manifest.json      the store the run is bound to (path + sha256 of its manifest), its LOSO folds (fold index
+                           -> held-out site; sites that cannot be held out are listed apart, with the reason),
+                           provenance
     RUN/config.json        the run's one RunConfig; every stage reads it
     RUN/normalisation.h5   input normalisation statistics (dist_decode.normalise)
     RUN/folds/<site>/      one LOSO fold; DONE marks it finished
@@ -24,7 +26,7 @@ from typing import Any
 from dist_decode import provenance
 from dist_decode.config import RunConfig, override, profile_config
 from dist_decode.contracts import store as store_contract
-from dist_decode.fsutil import atomic_write_text, read_json
+from dist_decode.fsutil import create_once, read_json
 
 #: Stage -> completion file, relative to the run directory (``{site}``: the fold's held-out site).
 COMPLETION = {
@@ -186,11 +188,13 @@ def bind(run: RunDir, store_path: str | os.PathLike, cfg: RunConfig, created_by:
     store_path = Path(store_path).resolve()
     manifest = store_contract.read_manifest(store_path)
     digest = store_contract.manifest_sha256(store_path)
+    fold_sites = set(store_contract.fold_sites(manifest))
     run.path.mkdir(parents=True, exist_ok=True)
-    _create(run.config_path, cfg.to_json() + "\n")
-    _create(run.manifest_path, json.dumps({
+    create_once(run.config_path, cfg.to_json() + "\n")
+    create_once(run.manifest_path, json.dumps({
         "store": str(store_path), "store_manifest_sha256": digest,
-        "folds": {str(i): s for i, s in enumerate(manifest["sites"])},
+        "folds": {str(i): s for i, s in enumerate(manifest["sites"]) if s in fold_sites},
+        "not_held_out": store_contract.ineligible_sites(manifest),
         "git_commit": provenance.git_commit(), "versions": provenance.versions(), "created_by": created_by,
         "created_utc": provenance.now_utc()}, indent=2) + "\n")
     m = run.manifest()
@@ -202,18 +206,3 @@ def bind(run: RunDir, store_path: str | os.PathLike, cfg: RunConfig, created_by:
     if diff:
         raise ValueError(f"{run.config_path} exists with other settings ({'; '.join(diff)}); use a new run "
                          "directory or the run's own config")
-
-
-def _create(path: Path, text: str) -> None:
-    """Create ``path`` with ``text`` unless it exists (atomic, never overwrites)."""
-    if path.exists():
-        return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        atomic_write_text(tmp, text)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-    finally:
-        tmp.unlink(missing_ok=True)

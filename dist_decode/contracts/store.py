@@ -2,6 +2,8 @@
 
 The manifest is written last by the packer (its presence marks a complete store). Its ``loso_ineligible`` entry is
 a list of ``{"site": ..., "reason": ...}``: sites whose subjects train every fold but that cannot be held out.
+:data:`COMPATIBLE_FIELDS` are the fields two stores must share for a model trained on one to read the other
+(``dist_decode.apply``): :func:`compatibility_diff` names those that differ.
 """
 from __future__ import annotations
 
@@ -69,3 +71,52 @@ def fold_sites(manifest: dict[str, Any]) -> list[str]:
 def manifest_sha256(store: str | os.PathLike) -> str:
     """sha256 of the store's manifest file: the identity of the store's contents (checksums included)."""
     return hashlib.sha256(manifest_path(store).read_bytes()).hexdigest()
+
+
+#: Manifest fields (dotted paths) that must agree for a run trained on one store to be applied to another: the grid
+#: (shape, voxel-to-MNI affine, voxel size), how the brain mask was made, the stored dtype, and the image modality
+#: when the packer records one. A field absent from both manifests agrees.
+COMPATIBLE_FIELDS = ("grid.shape", "grid.affine", "grid.voxel_mm", "mask.threshold", "storage.dtype", "modality")
+#: Tolerance (mm) of affine and voxel-size comparisons (JSON round trips of floats).
+GRID_TOLERANCE_MM = 1e-4
+_ABSENT = object()
+
+
+def field(manifest: dict[str, Any], dotted: str) -> Any:
+    """The value of a dotted manifest field (``grid.shape``), or a sentinel when absent."""
+    v: Any = manifest
+    for key in dotted.split("."):
+        if not isinstance(v, dict) or key not in v:
+            return _ABSENT
+        v = v[key]
+    return v
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(float(a) - float(b)) <= GRID_TOLERANCE_MM
+    return a == b
+
+
+def compatibility(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`COMPATIBLE_FIELDS` a manifest has (absent fields left out)."""
+    return {f: v for f in COMPATIBLE_FIELDS if (v := field(manifest, f)) is not _ABSENT}
+
+
+def compatibility_diff(reference: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """``field: reference value != other value`` for every :data:`COMPATIBLE_FIELDS` entry that differs.
+
+    Parameters
+    ----------
+    reference, other : dict
+        Store manifests (:func:`read_manifest`), e.g. a run's store and a new cohort's.
+    """
+    out = []
+    for f in COMPATIBLE_FIELDS:
+        a, b = field(reference, f), field(other, f)
+        if not _same(a, b):
+            show = lambda v: "absent" if v is _ABSENT else json.dumps(v)  # noqa: E731
+            out.append(f"{f}: {show(a)} != {show(b)}")
+    return out

@@ -26,7 +26,8 @@ class MapSpace:
     Parameters
     ----------
     run_dir : path
-        The run directory (``normalisation.h5`` is read from it when the run normalises its inputs).
+        The directory whose ``normalisation.h5`` holds ``store``'s statistics (read when the run normalises its
+        inputs): the run directory, or a ``dist_decode.apply`` output for a new cohort.
     store : dist_decode.data.Store
     cfg : RunConfig
     """

@@ -55,7 +55,7 @@ MAP_KINDS = ("auto", "density", "jacobian")
 
 
 # -- small helpers ----------------------------------------------------------------------------------------------
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     """A file-name-safe version of a participant id or site."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name))
 
@@ -148,6 +148,54 @@ def _write_subject(out_effect: Path, out_deviation: Path, effect: np.ndarray, de
     save_nifti(out_effect, effect, affine)  # last: its presence marks the subject done
 
 
+def subject_seed(seed: int, fold: int, row: int) -> int:
+    """The registration seed of subject ``row`` of fold ``fold`` (``jacobian`` maps)."""
+    return int(np.random.SeedSequence([int(seed), int(fold), int(row)]).generate_state(1)[0] % 2**31)
+
+
+def decoded_subjects(model, c: np.ndarray, s: np.ndarray, pids: list[str], space: MapSpace):
+    """Decode subjects' healthy twins and reconstructions and give them, with the observed volumes, in grey-matter
+    density units on the store grid.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The fold model (eval mode).
+    c, s : ndarray (B, K, d)
+        Latents of the B subjects (K = 1 for posterior means, else posterior samples).
+    pids : list of str
+        Their participant ids in ``space.store``.
+    space : MapSpace
+
+    Returns
+    -------
+    list of (twins, recons, observed)
+        Per subject: (K, X, Y, Z), (K, X, Y, Z) and (X, Y, Z) float32 densities.
+    """
+    nb, k = c.shape[:2]
+    shape = space.shape
+    recon, twin = decode_pairs(model, c.reshape(nb * k, -1), s.reshape(nb * k, -1), shape)
+    recon = recon.reshape((nb, k) + shape)
+    twin = twin.reshape((nb, k) + shape)
+    observed = space.observed(list(pids))
+    return [(space.density(twin[j], pid), space.density(recon[j], pid), space.density(observed[j], pid))
+            for j, pid in enumerate(pids)]
+
+
+def write_subject_maps(kind: str, out_effect: Path, out_deviation: Path, twins: np.ndarray, recons: np.ndarray,
+                       observed: np.ndarray, mask: np.ndarray, affine: np.ndarray, mc: MapsConfig, seed: int) -> None:
+    """Write one patient's effect and deviation maps (``kind`` ``density`` or ``jacobian``, in this process) from
+    its decoded twins and reconstructions and its observed volume (:func:`decoded_subjects`); effect last."""
+    if kind == "density":
+        effect = np.mean([log_ratio(r, t, mask) for r, t in zip(recons, twins)], axis=0)
+        deviation = np.mean([log_ratio(observed, t, mask) for t in twins], axis=0)
+        _write_subject(Path(out_effect), Path(out_deviation), effect, deviation, twins, recons, affine,
+                       mc.save_volumes)
+        return
+    _syn_task(str(out_effect), str(out_deviation), twins, recons, observed, mask, affine, syn_settings(mc, seed),
+              mc.save_volumes)
+
+
 # -- run context ------------------------------------------------------------------------------------------------
 class MapsRun:
     """What the maps stage knows about a run directory: config, store, finished and missing folds."""
@@ -195,10 +243,10 @@ class MapsRun:
         return list(self.store.sites).index(site)
 
     def subject_path(self, site: str, pid: str, what: str = "effect") -> Path:
-        return self.out / "subjects" / _safe(site) / f"{_safe(pid)}_{what}.nii.gz"
+        return self.out / "subjects" / safe_name(site) / f"{safe_name(pid)}_{what}.nii.gz"
 
     def site_dir(self, site: str) -> Path:
-        return self.out / "sites" / _safe(site)
+        return self.out / "sites" / safe_name(site)
 
 
 def syn_settings(mc: MapsConfig, seed: int) -> SynSettings:
@@ -207,7 +255,7 @@ def syn_settings(mc: MapsConfig, seed: int) -> SynSettings:
                        seed=seed)
 
 
-def _subject_settings(mc: MapsConfig) -> dict:
+def subject_settings(mc: MapsConfig) -> dict:
     out = {"kind": resolve_kind(mc), "use_samples": mc.use_samples, "n_samples": mc.n_samples if mc.use_samples else 1}
     if out["kind"] == "jacobian":
         out.update(syn_transform=mc.syn_transform, syn_iterations=list(mc.syn_iterations), syn_metric=mc.syn_metric,
@@ -231,7 +279,7 @@ def compute_subject_maps(run: MapsRun, workers: int, shard: tuple[int, int] = (0
     check_settings(mc)
     kind = resolve_kind(mc)
     settings_path = run.out / "subjects" / "settings.json"
-    wanted = _subject_settings(mc)
+    wanted = subject_settings(mc)
     if settings_path.is_file():
         have = json.loads(settings_path.read_text())
         if have != wanted:
@@ -285,33 +333,19 @@ def compute_subject_maps(run: MapsRun, workers: int, shard: tuple[int, int] = (0
             for b in range(0, len(items), max(1, mc.decode_batch)):
                 batch = items[b:b + max(1, mc.decode_batch)]
                 rows = np.array([i for i, _ in batch])
-                c, s = h.c[rows], h.s[rows]  # (B, K, d)
-                nb, k = c.shape[:2]
-                recon, twin = decode_pairs(model, c.reshape(nb * k, -1), s.reshape(nb * k, -1), run.shape)
-                recon = recon.reshape((nb, k) + run.shape)
-                twin = twin.reshape((nb, k) + run.shape)
-                observed = space.observed([pid for _, pid in batch])
-                for j, (i, pid) in enumerate(batch):
+                decoded = decoded_subjects(model, h.c[rows], h.s[rows], [pid for _, pid in batch], space)
+                for (i, pid), (twins_d, recons_d, obs_d) in zip(batch, decoded):
                     t0 = time.perf_counter()
-                    twins_d, recons_d = space.density(twin[j], pid), space.density(recon[j], pid)
-                    obs_d = space.density(observed[j], pid)
                     paths = (run.subject_path(site, pid, "effect"), run.subject_path(site, pid, "deviation"))
-                    if kind == "density":
-                        effect = np.mean([log_ratio(r, t, mask) for r, t in zip(recons_d, twins_d)], axis=0)
-                        deviation = np.mean([log_ratio(obs_d, t, mask) for t in twins_d], axis=0)
-                        _write_subject(*paths, effect, deviation, twins_d, recons_d, run.affine, mc.save_volumes)
+                    # One seed per (run seed, fold, subject row): the same map on every re-run and shard layout.
+                    seed = subject_seed(run.cfg.seed, fold_idx, int(i))
+                    if pool is None:
+                        write_subject_maps(kind, *paths, twins_d, recons_d, obs_d, mask, run.affine, mc, seed)
                         seconds.append(time.perf_counter() - t0)
                         bar.update(1)
                         continue
-                    # One seed per (run seed, fold, subject row): the same map on every re-run and shard layout.
-                    seed = int(np.random.SeedSequence([run.cfg.seed, fold_idx, int(i)]).generate_state(1)[0] % 2**31)
                     args = (str(paths[0]), str(paths[1]), twins_d, recons_d, obs_d, mask, run.affine,
                             syn_settings(mc, seed), mc.save_volumes)
-                    if pool is None:
-                        _, sec = _syn_task(*args)
-                        seconds.append(sec)
-                        bar.update(1)
-                        continue
                     futures.add(pool.submit(_syn_task, *args))
                     if len(futures) >= 2 * nworkers:  # bound the decoded volumes held in memory
                         done, futures = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
@@ -356,7 +390,7 @@ def compute_group_maps(run: MapsRun, force: bool = False) -> dict[str, dict]:
                     "variance_smoothing_mm": mc.variance_smoothing_mm if mc.threshold == "fwe" else None,
                     "permutations": mc.permutations if mc.threshold == "fwe" else None, "test_on": mc.test_on,
                     "extent": mc.extent, "extent_fraction": mc.extent_fraction if mc.extent == "half_max" else None,
-                    "subjects": _subject_settings(mc), "participants": pids}
+                    "subjects": subject_settings(mc), "participants": pids}
         gpath = run.site_dir(site) / "group.json"
         if len(pids) < max(3, mc.min_patients):
             results[site] = {"site": site, "status": "too_few_patients", "n": len(pids)}

@@ -165,7 +165,8 @@ def _fingerprint(run: RunDir, analysis: dict) -> str:
             st = p.stat()
             h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     here = Path(__file__).resolve().parent
-    for f in (here / "build.py", here / "figures.py", here / "templates" / "report.html.j2"):
+    for f in (here / "build.py", here / "figures.py", here / "templates" / "report.html.j2",
+              here / "templates" / "macros.html.j2"):
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 

@@ -75,6 +75,46 @@ def overlap_glass(overlap_img, n_sites: int) -> bytes:
     return _png(fig)
 
 
+def effect_slices(img, title: str) -> bytes:
+    """A signed map (e.g. a mean log density ratio) on axial MNI slices, symmetric colour scale (blue = loss)."""
+    from nilearn import plotting
+
+    data = np.asarray(img.dataobj, float)
+    vmax = float(np.abs(data).max()) or 1.0
+    fig = plt.figure(figsize=(11, 2.8))
+    plotting.plot_stat_map(img, display_mode="z", cut_coords=7, cmap="RdBu_r", vmax=vmax, threshold=vmax * 0.05,
+                           symmetric_cbar=True, figure=fig, title=title, colorbar=True)
+    return _png(fig)
+
+
+def models_figure(rows: list[dict]) -> bytes | None:
+    """A trained run on a new cohort, per fold model: reconstruction error (new cohort beside the model's own
+    held-out site) and the SZ/HC AUC of S and C transferred from the model's training subjects."""
+    done = [r for r in rows if r.get("status") == "done"]
+    if not done:
+        return None
+    names = [r["model"] for r in done]
+    x = np.arange(len(names))
+    val = lambda r, k: r.get(k) if r.get(k) is not None else np.nan  # noqa: E731
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(4 + 1.4 * len(names), 3.2))
+    fig.subplots_adjust(wspace=0.45)
+    a1.bar(x - 0.2, [val(r, "recon_error") for r in done], 0.4, color="#7f7f7f", label="new cohort")
+    a1.bar(x + 0.2, [val(r, "recon_error_run_heldout") for r in done], 0.4, color="#c7c7c7",
+           label="own held-out site")
+    a1.set_xticks(x, names, rotation=30)
+    a1.set_ylabel("recon MSE")
+    a1.legend(fontsize=7)
+    a2.bar(x - 0.2, [val(r, "auc_s_transfer") for r in done], 0.4, color="#c0392b", label="S")
+    a2.bar(x + 0.2, [val(r, "auc_c_transfer") for r in done], 0.4, color="#2c7fb8", label="C")
+    a2.axhline(0.5, color="black", lw=0.8, ls=":")
+    a2.set_xticks(x, names, rotation=30)
+    a2.set_ylim(0, 1)
+    a2.set_ylabel("SZ vs HC AUC (from training sites)")
+    a2.legend(fontsize=8)
+    fig.suptitle("Per fold model, on the new cohort")
+    return _png(fig)
+
+
 def dice_figure(sites: Sequence[str], matrix: np.ndarray) -> bytes:
     """Site-by-site Dice heatmap (grey = undefined: both maps empty)."""
     m = np.asarray(matrix, float)
