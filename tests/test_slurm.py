@@ -137,6 +137,10 @@ def test_sbatch_loso_array_route_end_to_end(slurm: None, mixed_store: Path, tmp_
     store = mixed_store
     run = tmp_path / "run"
     cfg = _config(tmp_path / "cfg.json")
+    # a torch JIT build lock left by a fold killed while DeepSpeed built its shm op: no fold may hang on it
+    stale = Path(_env()["TORCH_EXTENSIONS_DIR"]) / "deepspeed_shm_comm" / "lock"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.touch()
     res = subprocess.run(["bash", str(REPO / "slurm" / "submit_all.sh")], capture_output=True, text=True,
                          env=_env(DD_STORE=str(store), DD_RUN_DIR=str(run), DD_CONFIG=str(cfg), DD_FOLD_TASKS="2"),
                          cwd=tmp_path)
@@ -157,6 +161,9 @@ def test_sbatch_loso_array_route_end_to_end(slurm: None, mixed_store: Path, tmp_
     assert "2 rank(s)" in rsa_log, rsa_log[-2000:]
     assert (run / "rsa" / "rsa.json").is_file()
     assert (run / "report" / "index.html").is_file()
+    assert not stale.exists()
+    fold_log = "".join(p.read_text() for p in (run / "launch" / "slurm").glob("dd-fold-*.out"))
+    assert "left by a build that was killed" in fold_log, fold_log[-2000:]
 
 
 def test_launch_submit_slurm_failing_fold_blocks_report_and_rerun_completes_the_rest(
