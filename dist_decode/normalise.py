@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import math
@@ -40,6 +39,7 @@ from nibabel.affines import voxel_sizes
 from torch import nn
 from tqdm import tqdm
 
+from dist_decode.contracts.store import manifest_sha256
 from dist_decode.fsutil import atomic_path
 
 log = logging.getLogger(__name__)
@@ -422,8 +422,8 @@ def model_inputs(run_dir: str | os.PathLike, store, cfg, rows: Sequence[int],
 
 # -- the run's file ----------------------------------------------------------------------------------------------
 def store_hash(store_path: str | os.PathLike) -> str:
-    """sha256 of a store's ``manifest.json`` (the identity of its contents)."""
-    return hashlib.sha256((Path(store_path) / "manifest.json").read_bytes()).hexdigest()
+    """sha256 of a store's ``manifest.json`` (the identity of its contents; :mod:`dist_decode.contracts.store`)."""
+    return manifest_sha256(store_path)
 
 
 @contextlib.contextmanager
