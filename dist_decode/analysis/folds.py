@@ -7,6 +7,7 @@ held-out site (``auc_s``, ``auc_c``), and trained on the training sites then app
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +103,8 @@ def cohort_summary(store) -> dict[str, Any]:
                      "held out": "no: " + store.ineligible[site] if site in store.ineligible else "yes"})
     excluded = m.get("excluded", []) or []
     reasons: dict[str, int] = {}
-    for e in excluded:
-        r = e.get("reason", "unspecified")
+    for e in excluded:  # counted by kind: a subject's own figures (its IQR) would make every reason unique
+        r = re.sub(r"IQR [\d.]+ = [\d.]+% is below", "IQR below", e.get("reason", "unspecified"))
         reasons[r] = reasons.get(r, 0) + 1
     return {"status": "ok", "sites": rows, "n_sites": len(rows), "n_subjects": int(sum(r["total"] for r in rows)),
             "excluded": excluded, "excluded_by_reason": reasons, "ineligible": store.ineligible,
