@@ -139,14 +139,15 @@ def test_bids_style_names_and_parallel(cohort, tmp_path):
 
 
 def test_subject_folder_with_any_t1_name_and_ambiguous_files(cohort, tmp_path):
-    """Inside DIR/<id>/ the only mwp1 file is the subject's whatever the T1 was called; two candidates are an error."""
+    """Inside DIR/<id>/ the only mwp1 file is the subject's whatever the T1 was called; one scan as .nii and .nii.gz
+    is an error (the same scan twice: no rule can tell which is right)."""
     a, b = _ids(cohort)[:2]
     _mwp1(cohort, a).rename(cohort / a / "mri" / "mwp1T1_0001.nii.gz")
     m = _pack(cohort, tmp_path / "s")
     assert m["excluded"] == [] and m["n_subjects"] == 8
     img = nib.load(_mwp1(cohort, b))
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine), cohort / b / "mri" / f"mwp1{b}.nii")
-    with pytest.raises(ValueError, match=f"subject {b}: several mwp1 files match"):
+    with pytest.raises(ValueError, match=f"subject {b}: the same scan twice .*mwp1{b}.nii and .*mwp1{b}.nii.gz"):
         _pack(cohort, tmp_path / "t")
 
 
@@ -261,18 +262,39 @@ def test_truncated_and_unreadable_nifti(cohort, tmp_path):
         _pack(cohort, tmp_path / "strict", strict=True)
 
 
-def test_wrong_shape_and_affine(cohort, tmp_path):
-    a, b = _ids(cohort)[:2]
-    img = nib.load(_mwp1(cohort, a))
-    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-1], img.affine), _mwp1(cohort, a))
-    img = nib.load(_mwp1(cohort, b))
-    shifted = img.affine.copy()
-    shifted[0, 3] += 3.0
-    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), shifted), _mwp1(cohort, b))
-    r = _reasons(_pack(cohort, tmp_path / "s"))
-    assert "shape (14, 18, 15) differs from the cohort grid (15, 18, 15)" in r[a] and str(_mwp1(cohort, a)) in r[a]
-    assert "affine differs" in r[b] and "3 mm" in r[b]
-    with pytest.raises(ValueError, match=f"subject {a}: .*shape"):
+def test_other_shape_and_affine_are_resampled(cohort, tmp_path):
+    """A cropped volume and one shifted by 3 mm are on other grids: resampled and recorded (or one error with
+    --no-resample); a volume whose grey matter lies outside the store grid is excluded, naming the file."""
+    a, b, c = _ids(cohort)[:3]
+    affine = nib.load(_mwp1(cohort, a)).affine
+    orig = {pid: np.asarray(nib.load(_mwp1(cohort, pid)).dataobj, np.float32) for pid in (a, b, c)}
+    nib.save(nib.Nifti1Image(orig[a][:-1], affine), _mwp1(cohort, a))
+    for pid, dx in ((b, 3.0), (c, 500.0)):
+        shifted = affine.copy()
+        shifted[0, 3] += dx
+        nib.save(nib.Nifti1Image(orig[pid], shifted), _mwp1(cohort, pid))
+    m = _pack(cohort, tmp_path / "s")
+    r = _reasons(m)
+    assert list(r) == [c] and str(_mwp1(cohort, c)) in r[c]
+    assert "only 0.0% of its grey matter lies inside the store grid 15x18x15 at 12 mm (CAT12 12.8+ box)" in r[c]
+    assert m["grids"]["store"]["description"] == "15x18x15 at 12 mm (CAT12 12.8+ box)"
+    assert m["subjects"][a]["resampled"]["from"] == "14x18x15 at 12 mm (origin 84, -120, -72)"
+    assert m["subjects"][b]["resampled"]["from"] == "15x18x15 at 12 mm (origin 87, -120, -72)"
+    assert m["subjects"][_ids(cohort)[3]]["resampled"] is None and m["grids"]["resampling"]["n_subjects"] == 2
+    st = Store.open(tmp_path / "s")
+    va = st.read(st.index_of(a))
+    np.testing.assert_allclose(va[:-1], orig[a][:-1], atol=1e-6)  # same voxels: values unchanged
+    assert (va[-1] == 0).all()
+    rec = m["subjects"][b]["resampled"]
+    assert rec["gm_ml_store"] == pytest.approx(rec["gm_ml_source"], rel=0.03)  # a density: no voxel-volume factor
+    vb = st.read(st.index_of(b))
+    assert not np.allclose(vb, orig[b]) and np.corrcoef(vb.ravel(), orig[b].ravel())[0, 1] > 0.8
+    with pytest.raises(ValueError, match=r"--no-resample: 3 subject\(s\) are not on the store grid 15x18x15 at 12 mm "
+                                         r"\(CAT12 12.8\+ box\); grids found \(sites, subjects\): 15x18x15 at 12 mm "
+                                         r"\(CAT12 12.8\+ box\): siteA \(1\), siteB \(4\); 14x18x15"):
+        _pack(cohort, tmp_path / "strict", resample=False)
+    assert not (tmp_path / "strict").exists()
+    with pytest.raises(ValueError, match=f"subject {c}: .*only 0.0%"):
         _pack(cohort, tmp_path / "strict", strict=True)
 
 
@@ -291,7 +313,7 @@ def test_subject_in_table_but_not_on_disk(cohort, tmp_path):
     pid = _ids(cohort)[3]
     shutil.rmtree(cohort / pid)
     m = _pack(cohort, tmp_path / "s")
-    assert "in participants.tsv but no mri/mwp1" in _reasons(m)[pid] and m["n_subjects"] == 7
+    assert f"in participants.tsv but no mwp1{pid}*.nii[.gz] found" in _reasons(m)[pid] and m["n_subjects"] == 7
     with pytest.raises(ValueError, match=f"subject {pid}: in participants.tsv but no"):
         _pack(cohort, tmp_path / "strict", strict=True)
 
@@ -310,7 +332,7 @@ def test_subject_on_disk_but_not_in_table(cohort, tmp_path):
     "edit, message",
     [
         (lambda L: L.append(list(L[1])), r"duplicate participant_id 'sub-A0001' on lines 2 and 10"),
-        (lambda L: L[3].__setitem__(2, "schizo"), r"line 4: subject sub-A0003 has unknown diagnosis label 'schizo'"),
+        (lambda L: L[3].__setitem__(2, "schizo"), r"'schizo' first on line 4 \(subject sub-A0003\)"),
         (lambda L: L[2].__setitem__(3, "forty"), r"line 3: subject sub-A0002: column 'age' must be numeric.*'forty'"),
         (lambda L: [row.pop(2) for row in L], r"missing required column 'diagnosis'"),
         (lambda L: L[5].__setitem__(1, "n/a"), r"line 6: subject sub-B0001 has no site"),
@@ -356,7 +378,7 @@ def test_cli(cohort, tmp_path, caplog, capsys):
     assert m["sites"] == ["siteB", "siteA"] and m["storage"]["dtype"] == "float16"
     _edit_tsv(cohort, lambda L: L[3].__setitem__(2, "XX"))
     assert packmod.main(["--cat12-root", str(cohort), "--out", str(tmp_path / "t"), "--no-progress"]) == 2
-    assert "unknown diagnosis label 'XX'" in caplog.text
+    assert "'XX' first on line 4" in caplog.text and "--patient-label LABEL" in caplog.text
     assert "Traceback" not in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         packmod.main(["--help"])
