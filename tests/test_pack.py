@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -82,6 +83,15 @@ def test_store_layout_and_manifest(tiny_store, tiny_cohort):
     assert all("QC: CAT12 IQR" in r for r in _reasons(m).values())
     assert sum(sum(c.values()) for c in m["counts"].values()) == m["n_subjects"] == 40 - len(poor)
     assert m["loso_ineligible"] == []
+    # One grid, nothing resampled; per subject the file used; the cohort is the whole table; participants.json read.
+    assert m["grids"]["store"]["description"] == "29x35x29 at 6 mm (CAT12 12.8+ box)" and len(m["grids"]["found"]) == 1
+    assert m["grids"]["resampling"]["n_subjects"] == 0 and len(m["subjects"]) == m["n_subjects"]
+    pid = next(iter(m["subjects"]))
+    assert m["subjects"][pid] == {"file": str(_mwp1(tiny_cohort.resolve(), pid)), "session": None, "not_used": [],
+                                  "report": str(tiny_cohort.resolve() / pid / "report" / f"cat_{pid}.xml"),
+                                  "resampled": None}
+    assert sum(len(v) for v in m["cohort"].values()) == 40 and m["labels"]["levels"]["SZ"].startswith("schizophrenia")
+    assert m["qc"] == {"min_iqr_rating": 60.0, "missing_qc": "keep", "unrated": []}
     mask = nib.load(tiny_store / "mask.nii.gz")
     assert mask.get_data_dtype() == np.uint8 and mask.shape == (29, 35, 29)
     assert np.asarray(mask.dataobj).sum() == m["mask"]["n_voxels"] > 0
@@ -200,12 +210,18 @@ def test_interrupted_run_resumes(cohort, tmp_path):
     assert (out / "shards" / "siteA-0.h5").is_file()
     assert not (out / "shards" / "siteB-0.h5").exists() and not (out / "manifest.json").exists()
     assert not list((out / "shards").glob(".*tmp*"))  # no half-written shard left behind
+    assert (out / "pack-in-progress.json").is_file()  # the cohort being packed: another one is refused
+    other = synthesize(tmp_path / "other", seed=5, **{**SMALL, "sites": 3})
+    with pytest.raises(ValueError, match=r"holds the store of another cohort \(sites added: siteC; 4 subject"):
+        _pack(other, out)
     kept = (out / "shards" / "siteA-0.h5").stat().st_mtime_ns
     (out / "shards" / ".siteB-0.h5.tmp-999.h5").write_bytes(b"leftover of a killed run")
     _mwp1(cohort, pid_b).write_bytes(good)
     m = _pack(cohort, out, strict=True)
     assert (out / "shards" / "siteA-0.h5").stat().st_mtime_ns == kept  # finished shard reused
     assert m["n_subjects"] == 8 and not list((out / "shards").glob(".*tmp*"))
+    assert not (out / "pack-in-progress.json").exists() and m["cohort"] == {
+        "siteA": [p for p in _ids(cohort) if p.startswith("sub-A")], "siteB": [p for p in _ids(cohort) if p.startswith("sub-B")]}
     manifest_text = (out / "manifest.json").read_text()
     assert _pack(cohort, out, strict=True) == m  # a no-op re-run keeps the manifest byte for byte
     assert (out / "manifest.json").read_text() == manifest_text
@@ -224,6 +240,84 @@ def test_interrupted_run_resumes(cohort, tmp_path):
     _pack(cohort, out)
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["siteA-0.h5", "siteB-0.h5"]
     assert verify(out, progress=False) == []
+
+
+def _store_bytes(out):
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_out_holding_another_cohort_is_refused_or_overwritten(cohort, tmp_path, caplog):
+    """--out with the store of another cohort is refused before any work, naming the difference, and left intact;
+    --overwrite replaces it; a folder that is not a store is never written into."""
+    out = tmp_path / "s"
+    _pack(cohort, out)
+    before = _store_bytes(out)
+    other = synthesize(tmp_path / "other", seed=5, **{**SMALL, "sites": 3})
+    with pytest.raises(ValueError, match=r"--out .* holds the store of another cohort \(sites added: siteC; 4 subject\(s\) "
+                                         r"added \(sub-C0001, sub-C0002, sub-C0003, \.\.\.\)\); pass --overwrite"):
+        _pack(other, out)
+    ids = _ids(cohort)
+    _edit_tsv(cohort, lambda L: L[1].__setitem__(1, "siteB"))
+    with pytest.raises(ValueError, match=rf"1 subject\(s\) moved to another site \({ids[0]}: siteA -> siteB\)"):
+        _pack(cohort, out)
+    _edit_tsv(cohort, lambda L: L[1].__setitem__(1, "siteA"))
+    _edit_tsv(cohort, lambda L: L.__delitem__(slice(5, 9)))  # drop siteB's rows
+    with pytest.raises(ValueError, match=r"\(sites removed: siteB; 4 subject\(s\) removed \(sub-B0001, sub-B0002, "):
+        _pack(cohort, out)
+    assert _store_bytes(out) == before and verify(out, progress=False) == []
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert packmod.main(["--cat12-root", str(other), "--out", str(out), "--overwrite", "--jobs", "1",
+                             "--no-progress"]) == 0
+    assert "replacing the store of another cohort" in caplog.text
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["sites"] == ["siteA", "siteB", "siteC"] and m["n_subjects"] == 12
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["siteA-0.h5", "siteB-0.h5", "siteC-0.h5"]
+    st = Store.open(out)
+    np.testing.assert_array_equal(st.read(0), np.asarray(nib.load(_mwp1(other, st.participant_ids[0])).dataobj))
+    assert verify(out, progress=False) == []
+
+    listing = sorted(p.relative_to(cohort) for p in cohort.rglob("*"))
+    with pytest.raises(ValueError, match=r"--out .*cohort is not a store and not empty \(holds ground_truth, "
+                                         r"participants.json, participants.tsv, sub-A0001, sub-A0002\); the packer"):
+        _pack(other, cohort, overwrite=True)
+    assert sorted(p.relative_to(cohort) for p in cohort.rglob("*")) == listing
+    (tmp_path / "note.txt").write_text("x")
+    with pytest.raises(ValueError, match="is not a store and not empty \\(is a file\\)"):
+        _pack(other, tmp_path / "note.txt")
+
+
+def test_missing_qc_rating_is_kept_or_excluded_never_silent(cohort, tmp_path, caplog):
+    """A report without IQR and a missing report: kept with a warning (default) or excluded (--missing-qc exclude);
+    listed in qc.unrated either way."""
+    a, b = _ids(cohort)[:2]
+    xml_a = cohort / a / "report" / f"cat_{a}.xml"
+    xml_a.write_text(re.sub(r"\s*<IQR>[^<]*</IQR>", "", xml_a.read_text()))
+    (cohort / b / "report" / f"cat_{b}.xml").unlink()
+    problems = {a: f"{xml_a} has no qualityratings/IQR", b: f"no report/cat_{b}.xml beside {cohort / b / 'mri'}"}
+    with caplog.at_level(logging.WARNING):
+        m = _pack(cohort, tmp_path / "keep")
+    assert m["n_subjects"] == 8 and m["excluded"] == [] and m["qc"]["missing_qc"] == "keep"
+    assert m["qc"]["unrated"] == [{"participant_id": p, "file": str(_mwp1(cohort, p)), "problem": problems[p],
+                                   "kept": True} for p in (a, b)]
+    assert "2 subject(s) have no CAT12 IQR rating and are kept unrated (--missing-qc keep" in caplog.text
+    st = Store.open(tmp_path / "keep")
+    ia, ib = st.index_of(a), st.index_of(b)
+    assert np.isnan(st.phenotypes["iqr"][[ia, ib]]).all() and np.isfinite(st.phenotypes["tiv_ml"][ia])
+    assert np.isnan(st.phenotypes["tiv_ml"][ib])
+
+    assert packmod.main(["--cat12-root", str(cohort), "--out", str(tmp_path / "excl"), "--jobs", "1", "--no-progress",
+                         "--missing-qc", "exclude"]) == 0
+    m = json.loads((tmp_path / "excl" / "manifest.json").read_text())
+    assert _reasons(m) == {p: f"QC: no IQR rating ({problems[p]}); --missing-qc exclude" for p in (a, b)}
+    assert [u["kept"] for u in m["qc"]["unrated"]] == [False, False] and m["n_subjects"] == 6
+
+    caplog.clear()
+    m = _pack(cohort, tmp_path / "noqc", min_iqr_rating=None, missing_qc="exclude")  # no QC: nothing to miss
+    assert m["n_subjects"] == 8 and len(m["qc"]["unrated"]) == 2 and "kept unrated" not in caplog.text
+    with pytest.raises(ValueError, match="missing_qc 'maybe'"):
+        _pack(cohort, tmp_path / "bad", missing_qc="maybe")
 
 
 def test_verify_detects_damage(tiny_store, tmp_path, caplog):
