@@ -17,7 +17,7 @@ resolutions (1 mm vs 1.5 mm) are put on one store grid:
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,21 +34,25 @@ METHOD = "nibabel.processing: smooth_image(FWHM sqrt(store^2 - source^2) where c
 
 @dataclass(frozen=True)
 class Grid:
-    """A voxel grid: shape and affine (rounded to :data:`ATOL_MM`, so equal grids compare equal)."""
+    """A voxel grid: shape and affine. Grids compare by the affine rounded to :data:`ATOL_MM` (``affine_key``);
+    ``affine`` is the exact affine of the file it was read from."""
 
     shape: tuple[int, ...]
     affine_key: tuple[float, ...]
+    exact: tuple[float, ...] = field(compare=False, hash=False, repr=False)
 
     @classmethod
     def of(cls, shape: tuple[int, ...], affine: np.ndarray) -> "Grid":
         """The grid of ``shape`` and a 4x4 ``affine``."""
-        steps = np.round(np.asarray(affine, np.float64).ravel() / ATOL_MM)
-        return cls(tuple(int(s) for s in shape), tuple(round(float(v) * ATOL_MM, 6) + 0.0 for v in steps))
+        a = np.asarray(affine, np.float64).ravel()
+        steps = np.round(a / ATOL_MM)
+        return cls(tuple(int(s) for s in shape), tuple(round(float(v) * ATOL_MM, 6) + 0.0 for v in steps),
+                   tuple(float(v) for v in a))
 
     @property
     def affine(self) -> np.ndarray:
         """The 4x4 affine (float64)."""
-        return np.asarray(self.affine_key, np.float64).reshape(4, 4)
+        return np.asarray(self.exact, np.float64).reshape(4, 4)
 
     @property
     def voxel_mm(self) -> tuple[float, ...]:
