@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 #: Folders of a cohort that hold no subjects (the synthetic cohort's ground truth).
 IGNORED_DIRS = frozenset({"ground_truth", "derivatives_ground_truth"})

@@ -42,7 +42,7 @@ class Grid:
     exact: tuple[float, ...] = field(compare=False, hash=False, repr=False)
 
     @classmethod
-    def of(cls, shape: tuple[int, ...], affine: np.ndarray) -> "Grid":
+    def of(cls, shape: tuple[int, ...], affine: np.ndarray) -> Grid:
         """The grid of ``shape`` and a 4x4 ``affine``."""
         a = np.asarray(affine, np.float64).ravel()
         steps = np.round(a / ATOL_MM)
@@ -132,7 +132,7 @@ def choose(grids: dict[str, Grid], site_of: dict[str, str], spec: str = "auto") 
         mine = [g for pid, g in grids.items() if site_of[pid] == site]
         if not mine:
             raise ValueError(f"--grid {spec}: no packed subject of site {site!r} (sites: "
-                             f"{', '.join(sorted(set(site_of[p] for p in grids)))})")
+                             f"{', '.join(sorted({site_of[p] for p in grids}))})")
         return _most_common(mine)
     path = Path(spec)
     if not path.is_file():
@@ -142,8 +142,8 @@ def choose(grids: dict[str, Grid], site_of: dict[str, str], spec: str = "auto") 
 
     try:
         img = nib.load(str(path))
-    except Exception as exc:
-        raise ValueError(f"--grid {spec}: cannot read {path}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # nibabel raises many types for files it cannot read
+        raise ValueError(f"--grid {spec}: cannot read {path}: {type(exc).__name__}: {exc}") from exc
     shape = tuple(int(s) for s in img.shape)
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]

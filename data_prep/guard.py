@@ -51,8 +51,8 @@ def _shard_cohort(shards: list[Path]) -> Cohort:
                     out[str(pid)] = site
                 for e in json.loads(h5.attrs.get("excluded", "[]")):
                     out.setdefault(str(e["participant_id"]), site)
-        except Exception:  # an unreadable leftover says nothing about the cohort; it is rewritten or removed
-            continue
+        except (OSError, KeyError, ValueError) as exc:  # an unreadable leftover says nothing about the cohort
+            log.debug("cannot read %s (it is rewritten or removed): %s", path, exc)
     return out
 
 

@@ -200,8 +200,9 @@ def read_participants_json(tsv: str | os.PathLike) -> dict[str, dict] | None:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object of column descriptions, got {type(data).__name__}")
+    if not isinstance(data, dict):  # bad input: a ValueError like every other (CLI exit 2)
+        raise ValueError(  # noqa: TRY004
+            f"{path}: expected a JSON object of column descriptions, got {type(data).__name__}")
     out = {}
     for col, entry in data.items():
         if not isinstance(entry, dict):

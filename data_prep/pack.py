@@ -185,6 +185,12 @@ def _init_worker(grid: grids.Grid, resample: bool) -> None:
     _GRID.update(grid=grid, resample=resample)
 
 
+def _start_worker(grid: grids.Grid, resample: bool) -> None:
+    """Pool initializer: default SIGTERM (so ``Pool.terminate`` ends the worker) and the store grid."""
+    default_sigterm()
+    _init_worker(grid, resample)
+
+
 # ---------------------------------------------------------------------------------------------
 # Planning
 # ---------------------------------------------------------------------------------------------
@@ -553,13 +559,17 @@ def pack(
                 bar.update(len(shard["candidates"]))
             else:
                 if pool is None and n_jobs > 1 and total > 1:
-                    pool = mp.get_context("fork").Pool(n_jobs, _init_worker, (p.grid, opts.resample))
+                    pool = mp.get_context("fork").Pool(n_jobs, _start_worker, (p.grid, opts.resample))
                 _init_worker(p.grid, opts.resample)
                 rec = _write_shard(p, shard, opts, path, pool, bar)
             records.append({**shard, **rec})
+        if pool is not None:  # all work done: let the workers exit on their own
+            pool.close()
+            pool.join()
+            pool = None
     finally:
         bar.close()
-        if pool is not None:
+        if pool is not None:  # an error or SIGTERM: stop the workers now
             pool.terminate()
 
     import h5py
@@ -770,6 +780,15 @@ def _exit_on_sigterm() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def default_sigterm() -> None:
+    """In a forked pool worker that writes no file: undo :func:`_exit_on_sigterm` inherited from the parent, so the
+    SIGTERM of ``Pool.terminate`` ends the worker at once (a handler raising SystemExit can leave it blocked in the
+    pool's queue lock, and the parent's ``terminate`` waiting for it forever)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -719,10 +719,13 @@ def synthesize(
                 _do_subject(i)
                 bar.update()
         else:
-            # fork: workers inherit the (large, read-only) effect fields without pickling them.
+            # fork: workers inherit the (large, read-only) effect fields without pickling them, and the CLI's
+            # SIGTERM handler, so a terminated worker removes its temporary file. Done: close/join, not terminate.
             with mp.get_context("fork").Pool(n_jobs) as pool:
                 for _ in pool.imap_unordered(_do_subject, todo, chunksize=1):
                     bar.update()
+                pool.close()
+                pool.join()
     finally:
         bar.close()
         _WORK.clear()

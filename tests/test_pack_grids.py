@@ -50,7 +50,8 @@ def _agreement(a, b, mask):
 
 def test_resampled_site_lines_up_with_its_native_rendering(cohorts, tmp_path):
     native, mixed = cohorts
-    mn, mm = _pack(native, tmp_path / "native"), _pack(mixed, tmp_path / "mixed")
+    _pack(native, tmp_path / "native")
+    mm = _pack(mixed, tmp_path / "mixed")
     assert mm["grids"]["store"]["description"] == "29x35x29 at 6 mm (CAT12 12.8+ box)"  # the 12.8+ grid wins the tie
     assert [(g["description"], g["sites"]) for g in mm["grids"]["found"]] == [
         ("29x35x29 at 6 mm (CAT12 12.8+ box)", {"siteA": 4}), ("46x55x46 at 4 mm (CAT12 12.7 box)", {"siteB": 4})]
