@@ -15,6 +15,12 @@ import numpy as np
 #: CAT12 >= 12.8 bounding box (``cat.extopts.bb = 12``), MNI millimetres, (min, max) per axis.
 CAT12_BBOX = ((-84.0, 84.0), (-120.0, 84.0), (-72.0, 96.0))
 
+#: The SPM bounding box CAT12 <= 12.7 wrote (``bb = 16``): 121x145x121 at 1.5 mm.
+CAT12_BBOX_127 = ((-90.0, 90.0), (-126.0, 90.0), (-72.0, 108.0))
+
+#: Bounding boxes by the CAT12 release that writes them.
+BOXES = {"12.8": CAT12_BBOX, "12.7": CAT12_BBOX_127}
+
 #: Total grey-matter volume (ml) of the base anatomy at the reference TIV.
 BASE_GM_ML = 650.0
 
@@ -22,13 +28,16 @@ BASE_GM_ML = 650.0
 REFERENCE_TIV_ML = 1500.0
 
 
-def cat12_grid(voxel_mm: float) -> tuple[tuple[int, int, int], np.ndarray]:
-    """Return the shape and affine CAT12 writes at ``voxel_mm`` (bounding box 12, LAS like CAT12).
+def cat12_grid(voxel_mm: float, box: str = "12.8") -> tuple[tuple[int, int, int], np.ndarray]:
+    """Return the shape and affine CAT12 writes at ``voxel_mm`` (LAS like CAT12).
 
     Parameters
     ----------
     voxel_mm : float
         Isotropic voxel size in millimetres (1.5 gives CAT12's 113x137x113 default grid).
+    box : {"12.8", "12.7"}
+        ``"12.8"``: bounding box 12 of CAT12 >= 12.8; ``"12.7"``: the SPM box of CAT12 <= 12.7 (121x145x121 at
+        1.5 mm, affine ``[[-1.5,0,0,90],[0,1.5,0,-126],[0,0,1.5,-72]]``).
 
     Returns
     -------
@@ -39,9 +48,12 @@ def cat12_grid(voxel_mm: float) -> tuple[tuple[int, int, int], np.ndarray]:
     """
     if not voxel_mm > 0:
         raise ValueError(f"voxel size must be positive, got {voxel_mm!r}")
-    shape = tuple(int(np.floor((hi - lo) / voxel_mm + 1e-6)) + 1 for lo, hi in CAT12_BBOX)
+    if box not in BOXES:
+        raise ValueError(f"bounding box {box!r}: choose from {sorted(BOXES)}")
+    bbox = BOXES[box]
+    shape = tuple(int(np.floor((hi - lo) / voxel_mm + 1e-6)) + 1 for lo, hi in bbox)
     affine = np.diag([-voxel_mm, voxel_mm, voxel_mm, 1.0])
-    affine[:3, 3] = (CAT12_BBOX[0][1], CAT12_BBOX[1][0], CAT12_BBOX[2][0])
+    affine[:3, 3] = (bbox[0][1], bbox[1][0], bbox[2][0])
     return shape, affine  # type: ignore[return-value]
 
 
@@ -53,7 +65,7 @@ def world_coords(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4)
-def base_gm(voxel_mm: float) -> np.ndarray:
+def base_gm(voxel_mm: float, box: str = "12.8") -> np.ndarray:
     """Return nilearn's MNI152 GM probability map on the CAT12 grid, scaled to :data:`BASE_GM_ML`.
 
     The 1 mm template is first smoothed with a Gaussian matched to the target voxel (so coarse
@@ -64,6 +76,8 @@ def base_gm(voxel_mm: float) -> np.ndarray:
     ----------
     voxel_mm : float
         Target voxel size.
+    box : {"12.8", "12.7"}
+        Bounding box of the grid (:data:`BOXES`).
 
     Returns
     -------
@@ -74,7 +88,7 @@ def base_gm(voxel_mm: float) -> np.ndarray:
     from nilearn.datasets import load_mni152_gm_template
     from scipy import ndimage
 
-    shape, affine = cat12_grid(voxel_mm)
+    shape, affine = cat12_grid(voxel_mm, box)
     img = load_mni152_gm_template(resolution=1)
     data = np.asarray(img.get_fdata(dtype=np.float32))
     src_vox = voxel_sizes(img.affine)

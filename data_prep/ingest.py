@@ -1,18 +1,19 @@
-"""Read and check a CAT12 cohort: participants.tsv, the mwp1 files on disk, the cat_*.xml reports.
+"""Read and check a CAT12 cohort's files: participants.tsv (+ participants.json), mwp1 volumes, cat_*.xml reports.
 
 Every problem is reported with the subject, file or column it concerns. Problems with the table
 itself raise :class:`ValueError` (they must be fixed upstream); problems with one subject's files
 are returned as :class:`VolumeError` reasons so the packer can list the subject as excluded.
+Finding the files is :mod:`data_prep.discover`; grids and resampling are :mod:`data_prep.grids`.
 """
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
-import re
 import xml.etree.ElementTree as ET
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,7 @@ REQUIRED_COLUMNS = ("participant_id", "site", "diagnosis")
 #: Columns that must be numeric when present (``n/a`` allowed).
 NUMERIC_COLUMNS = frozenset({"age", "education_years", "panss_total", "tiv_ml", "iqr"})
 #: Dataset names a shard uses for its own purposes.
-RESERVED_COLUMNS = frozenset({"volumes", "checksums", "volume_sum"})
-#: Folders of a cohort that hold no subjects (the synthetic cohort's ground truth).
-IGNORED_DIRS = frozenset({"ground_truth", "derivatives_ground_truth"})
-
-_NII = re.compile(r"^mwp1(?P<label>.+?)\.nii(\.gz)?$")
+RESERVED_COLUMNS = frozenset({"volumes", "checksums", "volume_sum", "resampled"})
 
 
 class VolumeError(Exception):
@@ -78,6 +75,7 @@ def read_participants(
     patient_label: str = "SZ",
     control_label: str = "HC",
     numeric_columns: frozenset[str] | set[str] = NUMERIC_COLUMNS,
+    levels: dict[str, str] | None = None,
 ) -> Participants:
     """Read and check a BIDS participants.tsv.
 
@@ -90,6 +88,8 @@ def read_participants(
     numeric_columns : set of str
         Columns that must hold numbers (or ``n/a``) when present; other columns are numeric when
         every non-missing value is a number, text otherwise.
+    levels : dict or None
+        ``diagnosis`` levels from participants.json (value -> description), quoted in the error on unknown labels.
 
     Raises
     ------
@@ -98,7 +98,8 @@ def read_participants(
     ValueError
         Naming the column, line or subject: a missing required column, a reserved or repeated
         column name, a row with the wrong number of fields, an empty or duplicate participant_id,
-        a missing site, an unknown diagnosis label, a non-numeric value in a numeric column.
+        a missing site, a non-numeric value in a numeric column; diagnosis values matching neither label (one
+        error listing every distinct value found, where each first occurs, and the flags to pass).
     """
     path = Path(path)
     if not path.is_file():
@@ -120,6 +121,7 @@ def read_participants(
         raise ValueError(f"{path}: column name(s) {bad or ['(empty)']} are reserved, contain '/' or are empty; rename them")
     rows: dict[str, dict[str, str]] = {}
     first_line: dict[str, int] = {}
+    unknown: dict[str, list[tuple[int, str]]] = {}
     for lineno, fields in enumerate(lines[1:], start=2):
         if len(fields) != len(header):
             raise ValueError(f"{path}, line {lineno}: {len(fields)} fields, header has {len(header)}")
@@ -134,14 +136,13 @@ def read_participants(
         if row["site"] in MISSING:
             raise ValueError(f"{path}, line {lineno}: subject {pid} has no site")
         if row["diagnosis"] not in (patient_label, control_label):
-            raise ValueError(
-                f"{path}, line {lineno}: subject {pid} has unknown diagnosis label {row['diagnosis']!r} "
-                f"(expected {patient_label!r} for patients or {control_label!r} for controls)"
-            )
+            unknown.setdefault(row["diagnosis"], []).append((lineno, pid))
         rows[pid] = row
         first_line[pid] = lineno
     if not rows:
         raise ValueError(f"{path}: no subjects (only a header row)")
+    if unknown:
+        raise ValueError(_unknown_labels_message(path, rows, unknown, patient_label, control_label, levels or {}))
     kinds = {}
     for col in header:
         values = [r[col] for r in rows.values() if r[col] not in MISSING]
@@ -160,97 +161,57 @@ def read_participants(
     return Participants(path, header, rows, kinds)
 
 
-# ---------------------------------------------------------------------------------------------
-# Files on disk
-# ---------------------------------------------------------------------------------------------
+def _unknown_labels_message(path: Path, rows: dict[str, dict[str, str]], unknown: dict[str, list[tuple[int, str]]],
+                            patient: str, control: str, levels: dict[str, str]) -> str:
+    """The error for diagnosis values that match neither label: every distinct value and the flags to pass."""
+    counts = Counter(r["diagnosis"] for r in rows.values())
+
+    def show(v: str) -> str:
+        desc = f" = {levels[v]}" if v in levels else ""
+        return f"{v!r}{desc} ({counts[v]} subject{'s' if counts[v] != 1 else ''})"
+
+    where = "; ".join(f"{v!r} first on line {occ[0][0]} (subject {occ[0][1]})" for v, occ in unknown.items())
+    return (
+        f"{path}: column 'diagnosis' holds value(s) matching neither --patient-label {patient!r} nor "
+        f"--control-label {control!r}: {where}. Values found: {', '.join(show(v) for v in sorted(counts))}. "
+        "Pass --patient-label LABEL and --control-label LABEL with this cohort's two labels, "
+        "or remove the rows of other groups"
+    )
 
 
-@dataclass
-class SubjectFiles:
-    """Where one subject's CAT12 outputs are."""
+def read_participants_json(tsv: str | os.PathLike) -> dict[str, dict] | None:
+    """Read the BIDS ``participants.json`` next to a participants.tsv (None when there is none).
 
-    mwp1: Path
-    report: Path | None
-
-
-@dataclass
-class Discovery:
-    """Result of :func:`find_subjects`."""
-
-    found: dict[str, SubjectFiles] = field(default_factory=dict)
-    missing: list[str] = field(default_factory=list)
-    unlisted: list[tuple[str, Path]] = field(default_factory=list)
-
-
-def _mwp1_files(root: Path, max_depth: int = 4) -> list[Path]:
-    """All ``mri/mwp1*.nii[.gz]`` below ``root`` (ignoring hidden and ground-truth folders)."""
-    out = []
-    root_depth = len(root.parts)
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and not (here == root and d in IGNORED_DIRS)
-        )
-        if len(here.parts) - root_depth >= max_depth:
-            dirnames[:] = []
-        if here.name == "mri":
-            out.extend(here / f for f in sorted(filenames) if _NII.match(f) and not f.startswith("."))
-    return out
-
-
-def _label(path: Path) -> str:
-    m = _NII.match(path.name)
-    assert m is not None
-    return m.group("label")
-
-
-def find_subjects(root: str | os.PathLike, ids: list[str]) -> Discovery:
-    """Find each subject's ``mwp1`` (and ``report/cat_*.xml``) under a CAT12 output folder.
-
-    A subject's file is ``mri/mwp1<id>[_<entities>].nii[.gz]`` in ``root/<id>/.../mri/`` or in
-    ``root/mri/`` (CAT12 writes ``mri/`` next to the input T1, so both layouts occur), or the only
-    ``mwp1*`` file inside ``root/<id>/``. The report is ``report/cat_<label>.xml`` beside ``mri/``.
+    Returns
+    -------
+    dict or None
+        column -> its description object (``Description``, ``Levels``, ``Units``, ...); entries that are not
+        objects are left out.
 
     Raises
     ------
-    FileNotFoundError
-        ``root`` is not a folder.
     ValueError
-        A subject matches several files (naming them).
+        The file is not JSON, not an object, or a ``Levels`` entry is not an object (naming the file and column).
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"CAT12 output folder not found: {root}")
-    files = _mwp1_files(root)
-    by_label: dict[str, list[Path]] = {}
-    for f in files:
-        by_label.setdefault(_label(f), []).append(f)
-    result = Discovery()
-    used: set[Path] = set()
-    idset = set(ids)
-    for pid in ids:
-        cands = [f for lab, fs in by_label.items() if lab == pid or lab.startswith(pid + "_") for f in fs]
-        # Do not steal a file whose label is exactly another subject's id (pid 'a' vs label 'a_b').
-        cands = [f for f in cands if _label(f) == pid or _label(f) not in idset]
-        if not cands:
-            own = root / pid
-            inside = [f for f in files if own in f.parents] if own.is_dir() else []
-            if len(inside) == 1:
-                cands = inside
-        if len(cands) > 1:
-            # e.g. both .nii and .nii.gz, or two sessions: guessing would silently pick the wrong scan.
-            raise ValueError(
-                f"subject {pid}: several mwp1 files match: {', '.join(str(c) for c in cands)}; keep one"
-            )
-        if not cands:
-            result.missing.append(pid)
+    path = Path(tsv).with_suffix(".json")
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):  # bad input: a ValueError like every other (CLI exit 2)
+        raise ValueError(  # noqa: TRY004
+            f"{path}: expected a JSON object of column descriptions, got {type(data).__name__}")
+    out = {}
+    for col, entry in data.items():
+        if not isinstance(entry, dict):
             continue
-        f = cands[0]
-        used.add(f)
-        report = f.parent.parent / "report" / f"cat_{_label(f)}.xml"
-        result.found[pid] = SubjectFiles(f, report if report.is_file() else None)
-    result.unlisted = [(_label(f), f) for f in files if f not in used]
-    return result
+        if "Levels" in entry and not isinstance(entry["Levels"], dict):
+            raise ValueError(f"{path}: column {col!r}: 'Levels' must be an object (value -> description), "
+                             f"got {entry['Levels']!r}")
+        out[str(col)] = entry
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,14 +240,14 @@ def read_header(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
     return shape, affine
 
 
-def read_volume(path: Path, shape: tuple[int, ...], affine: np.ndarray, atol: float = 1e-3) -> np.ndarray:
-    """Read one mwp1 as float32 and check it against the cohort grid.
+def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read one mwp1 as a 3-D float32 array with its affine, checking its voxels.
 
     Raises
     ------
     VolumeError
-        Unreadable or truncated file; shape or affine differing from the cohort grid; NaN or
-        infinite voxels. The message names the file and the problem.
+        Unreadable or truncated file; not 3-D; NaN or infinite voxels. The message names the file and the
+        problem.
     """
     import nibabel as nib
 
@@ -298,22 +259,17 @@ def read_volume(path: Path, shape: tuple[int, ...], affine: np.ndarray, atol: fl
         raise VolumeError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
-    if tuple(data.shape) != tuple(shape):
-        raise VolumeError(f"{path}: shape {tuple(data.shape)} differs from the cohort grid {tuple(shape)}")
-    if not np.allclose(img_affine, affine, atol=atol):
-        raise VolumeError(
-            f"{path}: affine differs from the cohort grid (max difference "
-            f"{np.abs(img_affine - affine).max():.4g} mm)"
-        )
+    if data.ndim != 3:
+        raise VolumeError(f"{path}: not a 3-D volume (shape {tuple(data.shape)})")
     bad = ~np.isfinite(data)
     if bad.any():
         n_nan = int(np.isnan(data).sum())
         raise VolumeError(f"{path}: {n_nan} NaN and {int(bad.sum()) - n_nan} infinite voxels")
-    return np.ascontiguousarray(data)
+    return np.ascontiguousarray(data), img_affine
 
 
 def read_cat_xml(path: Path) -> tuple[float, float]:
-    """Return (vol_TIV in ml, IQR mark) from a CAT12 ``cat_*.xml`` (NaN where absent).
+    """Return (vol_TIV in ml, IQR mark) from a CAT12 ``cat_*.xml`` (NaN where absent, empty or ``NaN``).
 
     Raises
     ------
@@ -341,12 +297,3 @@ def read_cat_xml(path: Path) -> tuple[float, float]:
 def iqr_rating(mark: float) -> float:
     """Convert a CAT12 IQR mark (1 best .. 6 worst) to CAT12's percentage rating (105 - 10 mark)."""
     return 105.0 - 10.0 * mark
-
-
-def reference_grid(headers: dict[str, tuple[tuple[int, ...], np.ndarray]]) -> tuple[tuple[int, ...], np.ndarray]:
-    """Return the most common (shape, affine) among subjects' headers (ties: first seen)."""
-    def key(shape: tuple[int, ...], aff: np.ndarray) -> tuple:
-        return shape, tuple(np.round(aff, 3).ravel())
-
-    best = Counter(key(*h) for h in headers.values()).most_common(1)[0][0]
-    return next((s, aff) for s, aff in headers.values() if key(s, aff) == best)

@@ -11,8 +11,10 @@ holding ``volumes`` (n, X, Y, Z) with one chunk per volume, ``participant_id``, 
 dataset per participants.tsv column (+ ``tiv_ml`` and ``iqr`` from ``cat_*.xml``), per-volume
 sha256 ``checksums`` and the affine/shape as attributes.
 
-Every file is written under a temporary name and renamed; a shard whose inputs and options are
-unchanged is kept on re-run, so an interrupted run resumes. The manifest is written last.
+Scans are found in any CAT12 layout and one is chosen per subject (:mod:`data_prep.discover`); subjects on
+other grids are resampled onto the store grid (:mod:`data_prep.grids`); an ``--out`` holding another cohort is
+refused (:mod:`data_prep.guard`). Every file is written under a temporary name and renamed; a shard whose
+inputs and options are unchanged is kept on re-run, so an interrupted run resumes. The manifest is written last.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from typing import Any
 import numpy as np
 from nibabel.affines import voxel_sizes
 
-from data_prep import ingest
+from data_prep import discover, grids, guard, ingest
 from dist_decode import provenance
 from dist_decode.contracts.store import SCHEMA_VERSION
 from dist_decode.fsutil import atomic_path, atomic_write_json, read_json
@@ -41,6 +43,7 @@ log = logging.getLogger("data_prep.pack")
 
 CODECS = ("blosc-lz4", "gzip", "none")
 DTYPES = ("float32", "float16")
+MISSING_QC = ("keep", "exclude")
 FLOAT16_MAX = 65504.0
 
 
@@ -61,7 +64,19 @@ class PackOptions:
         Cap on volumes per shard (a site is split into ``<site>-0``, ``<site>-1``, ...).
     min_iqr_rating : float or None
         QC: exclude subjects whose CAT12 IQR rating (percent, ``105 - 10 * IQR mark``) is below this.
-        ``None`` disables QC. Subjects without a ``cat_*.xml`` are not rated.
+        ``None`` disables QC.
+    missing_qc : {"keep", "exclude"}
+        A scan without an IQR rating (no ``report/cat_*.xml``, or one without ``qualityratings/IQR``) is kept
+        (default: a missing rating says nothing about the scan) or fails QC; either way with a warning and
+        listed in the manifest (``qc.unrated``). Ignored when ``min_iqr_rating`` is None.
+    session : str or None
+        Pack this session of subjects with several (``01`` or ``ses-01``); default: the first session, in
+        natural order, whose scan passes the checks and QC. Subjects without sessions are unaffected.
+    grid : str
+        Store grid: ``auto`` (the CAT12 12.8+ grid when a subject has it, else the most common), ``cat12[:MM]``,
+        ``cat12.7[:MM]``, ``site:NAME`` or a NIfTI file (:func:`data_prep.grids.choose`).
+    resample : bool
+        Resample subjects on other grids onto the store grid; False: refuse a cohort on several grids.
     mask_threshold : float
         Store mask = voxels whose mean GM over the packed subjects exceeds this.
     patient_label, control_label : str
@@ -80,6 +95,10 @@ class PackOptions:
     dtype: str = "float32"
     max_shard_subjects: int | None = None
     min_iqr_rating: float | None = 60.0
+    missing_qc: str = "keep"
+    session: str | None = None
+    grid: str = "auto"
+    resample: bool = True
     mask_threshold: float = 0.1
     patient_label: str = "SZ"
     control_label: str = "HC"
@@ -99,6 +118,8 @@ class PackOptions:
             raise ValueError(f"max_shard_subjects {self.max_shard_subjects}: must be >= 1")
         if self.patient_label == self.control_label:
             raise ValueError("patient and control labels must differ")
+        if self.missing_qc not in MISSING_QC:
+            raise ValueError(f"missing_qc {self.missing_qc!r}: choose from {MISSING_QC}")
 
 
 def _compression(opts: PackOptions) -> dict[str, Any]:
@@ -137,17 +158,37 @@ def _safe_name(site: str) -> str:
 _GRID: dict[str, Any] = {}
 
 
-def _load(item: tuple[str, str]) -> tuple[str, np.ndarray | None, str | None]:
+def _load(item: tuple[str, str]) -> tuple[str, np.ndarray | None, str | None, dict[str, float] | None]:
+    """Read one subject and put it on the store grid: (pid, volume, exclusion reason, resampling record)."""
     pid, path = item
+    target: grids.Grid = _GRID["grid"]
     try:
-        return pid, ingest.read_volume(Path(path), _GRID["shape"], _GRID["affine"]), None
+        data, affine = ingest.read_volume(Path(path))
     except ingest.VolumeError as exc:
-        return pid, None, str(exc)
+        return pid, None, str(exc), None
+    source = grids.Grid.of(data.shape, affine)
+    if source == target:
+        return pid, data, None, None
+    if not _GRID["resample"]:
+        return pid, None, f"{path}: grid {source.describe()} is not the store grid {target.describe()}", None
+    inside = grids.inside_fraction(data, source, target)
+    if inside < grids.MIN_GM_INSIDE:
+        return pid, None, (f"{path}: only {inside:.1%} of its grey matter lies inside the store grid "
+                           f"{target.describe()} (file grid {source.describe()}): not the same space"), None
+    vol = grids.resample(data, source, target)
+    rec = {"gm_ml_source": round(grids.gm_ml(data, source), 3), "gm_ml_store": round(grids.gm_ml(vol, target), 3)}
+    return pid, vol, None, rec
 
 
-def _init_worker(shape: tuple[int, ...], affine: np.ndarray) -> None:
+def _init_worker(grid: grids.Grid, resample: bool) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _GRID.update(shape=shape, affine=affine)
+    _GRID.update(grid=grid, resample=resample)
+
+
+def _start_worker(grid: grids.Grid, resample: bool) -> None:
+    """Pool initializer: default SIGTERM (so ``Pool.terminate`` ends the worker) and the store grid."""
+    default_sigterm()
+    _init_worker(grid, resample)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,28 +198,53 @@ def _init_worker(shape: tuple[int, ...], affine: np.ndarray) -> None:
 
 @dataclass
 class Plan:
-    """What will be packed: candidates per shard, exclusions known before reading volumes."""
+    """What will be packed: the chosen scan of every candidate, the store grid, shards, known exclusions."""
 
     table: ingest.Participants
-    files: dict[str, ingest.SubjectFiles]
+    meta: dict[str, dict] | None
+    scans: dict[str, discover.Scan]
+    not_used: dict[str, list[dict[str, str]]]
     xml: dict[str, tuple[float, float]]
-    shape: tuple[int, ...]
-    affine: np.ndarray
+    source_grids: dict[str, grids.Grid]
+    grid: grids.Grid
     shards: list[dict[str, Any]]
     excluded: list[dict[str, str]]
-    unrated: list[str]
+    unrated: list[dict[str, Any]]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Store grid shape."""
+        return self.grid.shape
+
+    @property
+    def affine(self) -> np.ndarray:
+        """Store grid affine."""
+        return self.grid.affine
+
+    def cohort(self) -> dict[str, str]:
+        """participant_id -> site of every table row (the store's identity, :mod:`data_prep.guard`)."""
+        return {pid: row["site"] for pid, row in self.table.rows.items()}
+
+
+def _no_rating(scan: discover.Scan) -> str:
+    if scan.report is None:
+        return f"no report/cat_{scan.label}.xml beside {scan.mwp1.parent}"
+    return f"{scan.report} has no qualityratings/IQR"
 
 
 def plan(cat12_root: Path, participants: Path, opts: PackOptions) -> Plan:
-    """Check the table and files, apply QC, and assign candidates to shards.
+    """Check the table and files, choose each subject's scan, apply QC, choose the store grid, assign shards.
 
     Raises
     ------
     ValueError, FileNotFoundError
-        Table problems (always) and per-subject problems when ``opts.strict``.
+        Table problems, the same scan twice, several grids with ``resample=False`` (always), and per-subject
+        problems when ``opts.strict``.
     """
-    table = ingest.read_participants(participants, opts.patient_label, opts.control_label)
-    disc = ingest.find_subjects(cat12_root, table.ids)
+    meta = ingest.read_participants_json(participants)
+    levels = ((meta or {}).get("diagnosis") or {}).get("Levels")
+    table = ingest.read_participants(participants, opts.patient_label, opts.control_label, levels=levels)
+    disc = discover.find_scans(cat12_root, table.ids)
     excluded: list[dict[str, str]] = []
 
     def exclude(pid: str, reason: str) -> None:
@@ -188,62 +254,80 @@ def plan(cat12_root: Path, participants: Path, opts: PackOptions) -> Plan:
         excluded.append({"participant_id": pid, "reason": reason})
 
     for pid in disc.missing:
-        exclude(pid, f"in {table.path.name} but no mri/mwp1{pid}*.nii[.gz] found under {cat12_root}")
-    for label, path in disc.unlisted:
-        exclude(label, f"{path} is on disk but subject {label!r} is not in {table.path.name}")
+        exclude(pid, f"in {table.path.name} but no mwp1{pid}*.nii[.gz] found in any mri/ folder under {cat12_root}")
+    for who, files in disc.unlisted.items():
+        exclude(who, f"{', '.join(str(f) for f in files)} {'is' if len(files) == 1 else 'are'} on disk but subject "
+                     f"{who!r} is not in {table.path.name}")
 
-    headers: dict[str, tuple[tuple[int, ...], np.ndarray]] = {}
-    for pid, f in disc.found.items():
+    qc_on = opts.min_iqr_rating is not None
+    found: dict[discover.Scan, tuple[grids.Grid, tuple[float, float]]] = {}
+    failed_unrated: set[discover.Scan] = set()
+
+    def check(scan: discover.Scan) -> str | None:
         try:
-            headers[pid] = ingest.read_header(f.mwp1)
+            shape, affine = ingest.read_header(scan.mwp1)
         except ingest.VolumeError as exc:
-            exclude(pid, str(exc))
-    if not headers:
-        raise ValueError(f"no readable mwp1 file for any subject of {participants} under {cat12_root}")
-    shape, affine = ingest.reference_grid(headers)
-    if len(shape) != 3:
-        raise ValueError(f"the mwp1 files are not 3-D volumes (shape {shape})")
-    log.info("cohort grid %s, voxel %s mm", shape, "x".join(f"{v:.3g}" for v in voxel_sizes(affine)))
-
-    xml: dict[str, tuple[float, float]] = {}
-    unrated: list[str] = []
-    candidates: list[str] = []
-    for pid in table.ids:
-        if pid not in headers:
-            continue
-        s, aff = headers[pid]
-        if s != shape:
-            exclude(pid, f"{disc.found[pid].mwp1}: shape {s} differs from the cohort grid {shape}")
-            continue
-        if not np.allclose(aff, affine, atol=1e-3):
-            exclude(pid, f"{disc.found[pid].mwp1}: affine differs from the cohort grid "
-                         f"(max difference {np.abs(aff - affine).max():.4g} mm)")
-            continue
-        rep = disc.found[pid].report
-        if rep is None:
-            unrated.append(pid)
-            xml[pid] = (math.nan, math.nan)
-        else:
+            return str(exc)
+        if len(shape) != 3:
+            return f"{scan.mwp1}: not a 3-D volume (shape {shape})"
+        values = (math.nan, math.nan)
+        if scan.report is not None:
             try:
-                xml[pid] = ingest.read_cat_xml(rep)
+                values = ingest.read_cat_xml(scan.report)
             except ingest.VolumeError as exc:
-                exclude(pid, str(exc))
-                continue
-        iqr = xml[pid][1]
-        if opts.min_iqr_rating is not None and math.isfinite(iqr):
-            rating = ingest.iqr_rating(iqr)
-            if rating < opts.min_iqr_rating:
-                exclude(pid, f"QC: CAT12 IQR {iqr:.2f} = {rating:.1f}% is below the threshold "
-                             f"{opts.min_iqr_rating:g}%")
-                continue
-        candidates.append(pid)
-    if unrated:
-        log.warning("%d subject(s) have no report/cat_*.xml: no TIV, IQR not checked (e.g. %s)",
-                    len(unrated), unrated[0])
+                return str(exc)
+        iqr = values[1]
+        if qc_on and not math.isfinite(iqr) and opts.missing_qc == "exclude":
+            failed_unrated.add(scan)
+            return f"QC: no IQR rating ({_no_rating(scan)}); --missing-qc exclude"
+        if qc_on and math.isfinite(iqr) and ingest.iqr_rating(iqr) < opts.min_iqr_rating:
+            return (f"QC: CAT12 IQR {iqr:.2f} = {ingest.iqr_rating(iqr):.1f}% is below the threshold "
+                    f"{opts.min_iqr_rating:g}%")
+        found[scan] = (grids.Grid.of(shape, affine), values)
+        return None
+
+    scans: dict[str, discover.Scan] = {}
+    not_used: dict[str, list[dict[str, str]]] = {}
+    unrated: list[dict[str, Any]] = []
+    for pid in table.ids:
+        if pid not in disc.scans:
+            continue
+        chosen, skipped, problem = discover.choose_scan(disc.scans[pid], opts.session, check)
+        if skipped:
+            not_used[pid] = skipped
+        unrated.extend({"participant_id": pid, "file": str(s.mwp1), "problem": _no_rating(s), "kept": False}
+                       for s in disc.scans[pid] if s in failed_unrated)
+        if chosen is None:
+            exclude(pid, problem or "no usable scan")
+            continue
+        scans[pid] = chosen
+        if not math.isfinite(found[chosen][1][1]):
+            unrated.append({"participant_id": pid, "file": str(chosen.mwp1), "problem": _no_rating(chosen),
+                            "kept": True})
+    kept_unrated = [u for u in unrated if u["kept"]]
+    if kept_unrated and qc_on:
+        log.warning("%d subject(s) have no CAT12 IQR rating and are kept unrated (--missing-qc keep; listed in the "
+                    "manifest's qc.unrated): %s", len(kept_unrated),
+                    ", ".join(f"{u['participant_id']} ({u['problem']})" for u in kept_unrated[:5])
+                    + (", ..." if len(kept_unrated) > 5 else ""))
+    if not scans:
+        raise ValueError(f"no usable mwp1 file for any subject of {participants} under {cat12_root}")
+
+    site_of = {pid: table.rows[pid]["site"] for pid in table.ids}
+    source_grids = {pid: found[scans[pid]][0] for pid in scans}
+    grid = grids.choose(source_grids, site_of, opts.grid)
+    off = [pid for pid, g in source_grids.items() if g != grid]
+    if off and not opts.resample:
+        raise ValueError(f"--no-resample: {len(off)} subject(s) are not on the store grid {grid.describe()}; grids "
+                         f"found (sites, subjects): {grids.listing(source_grids, site_of)}. Drop --no-resample to "
+                         "resample them onto one grid (--grid chooses it)")
+    log.info("store grid %s; grids found: %s", grid.describe(), grids.listing(source_grids, site_of))
+    if off:
+        log.info("%d subject(s) will be resampled onto the store grid", len(off))
 
     by_site: dict[str, list[str]] = {}
-    for pid in candidates:
-        by_site.setdefault(table.rows[pid]["site"], []).append(pid)
+    for pid in scans:
+        by_site.setdefault(site_of[pid], []).append(pid)
     if opts.site_order is not None:
         unknown = [s for s in opts.site_order if s not in by_site]
         missing = [s for s in by_site if s not in opts.site_order]
@@ -263,19 +347,26 @@ def plan(cat12_root: Path, participants: Path, opts: PackOptions) -> Plan:
         names.add(base)
         for k, start in enumerate(range(0, len(pids), cap)):
             shards.append({"file": f"shards/{base}-{k}.h5", "site": site, "candidates": pids[start:start + cap]})
-    return Plan(table, disc.found, xml, shape, affine, shards, excluded, unrated)
+    xml = {pid: found[scans[pid]][1] for pid in scans}
+    return Plan(table, meta, scans, not_used, xml, source_grids, grid, shards, excluded, unrated)
+
+
+#: Options that do not change a shard's bytes beyond what the plan hash already covers.
+_UNHASHED = ("n_jobs", "site_order", "strict", "mask_threshold", "session", "grid", "resample", "missing_qc")
 
 
 def _plan_hash(p: Plan, shard: dict[str, Any], opts: PackOptions) -> str:
     """Hash of everything a shard's content depends on (resume key)."""
     h = hashlib.sha256()
-    stored = {k: v for k, v in asdict(opts).items() if k not in ("n_jobs", "site_order", "strict", "mask_threshold")}
+    stored = {k: v for k, v in asdict(opts).items() if k not in _UNHASHED}
     h.update(json.dumps(stored, sort_keys=True).encode())
-    h.update(json.dumps([p.shape, np.round(p.affine, 6).tolist(), p.table.columns, shard["site"]]).encode())
+    h.update(json.dumps([p.grid.shape, p.grid.affine_key, p.table.columns, shard["site"]]).encode())
     for pid in shard["candidates"]:
-        st = p.files[pid].mwp1.stat()
-        h.update(json.dumps([pid, p.table.rows[pid], str(p.files[pid].mwp1), st.st_size, st.st_mtime_ns,
-                             list(p.xml[pid])]).encode())
+        f = p.scans[pid].mwp1
+        st = f.stat()
+        h.update(json.dumps([pid, p.table.rows[pid], str(f), st.st_size, st.st_mtime_ns, list(p.xml[pid])]).encode())
+        if p.source_grids[pid] != p.grid:
+            h.update(json.dumps([p.source_grids[pid].affine_key, p.source_grids[pid].shape, grids.METHOD]).encode())
     return h.hexdigest()
 
 
@@ -315,9 +406,10 @@ def _write_shard(p: Plan, shard: dict[str, Any], opts: PackOptions, path: Path, 
 
     X = tuple(int(s) for s in p.shape)
     dtype = np.dtype(opts.dtype)
-    items = [(pid, str(p.files[pid].mwp1)) for pid in shard["candidates"]]
+    items = [(pid, str(p.scans[pid].mwp1)) for pid in shard["candidates"]]
     results = pool.imap(_load, items) if pool is not None else map(_load, items)
     kept: list[str] = []
+    resampled: dict[str, dict[str, float]] = {}
     excluded: list[dict[str, str]] = []
     checksums: list[str] = []
     vsum = np.zeros(X, np.float64)
@@ -327,10 +419,10 @@ def _write_shard(p: Plan, shard: dict[str, Any], opts: PackOptions, path: Path, 
             vols = h5.create_dataset(
                 "volumes", shape=(0, *X), maxshape=(None, *X), chunks=(1, *X), dtype=dtype, **_compression(opts)
             )
-            for pid, vol, err in results:
+            for pid, vol, err, rec in results:
                 bar.update()
                 if err is None and dtype == np.float16 and np.abs(vol).max() > FLOAT16_MAX:
-                    err = f"{p.files[pid].mwp1}: values beyond the float16 range; pack with dtype float32"
+                    err = f"{p.scans[pid].mwp1}: values beyond the float16 range; pack with dtype float32"
                 if err is not None:
                     if opts.strict:
                         raise ValueError(f"subject {pid}: {err}")
@@ -346,6 +438,8 @@ def _write_shard(p: Plan, shard: dict[str, Any], opts: PackOptions, path: Path, 
                 checksums.append(volume_checksum(stored))
                 vsum += vol
                 kept.append(pid)
+                if rec is not None:
+                    resampled[pid] = rec
             str_t = h5py.string_dtype("utf-8")
             for col, arr in _phenotype_arrays(p, kept).items():
                 if arr.dtype == object:
@@ -363,9 +457,11 @@ def _write_shard(p: Plan, shard: dict[str, Any], opts: PackOptions, path: Path, 
             h5.attrs["dtype"] = opts.dtype
             h5.attrs["float16_max_error"] = f16_err
             h5.attrs["excluded"] = json.dumps(excluded)
+            # per-subject resampling records: a dataset, as an attribute could outgrow HDF5's 64 KiB limit
+            h5.create_dataset("resampled", data=json.dumps(resampled), dtype=str_t)
             h5.attrs["plan_hash"] = shard["plan_hash"]
             h5.attrs["created"] = provenance.now_utc()
-    return {"n": len(kept), "excluded": excluded, "float16_max_error": f16_err}
+    return {"n": len(kept), "excluded": excluded, "resampled": resampled, "float16_max_error": f16_err}
 
 
 def _reuse_shard(path: Path, plan_hash: str) -> dict[str, Any] | None:
@@ -381,6 +477,7 @@ def _reuse_shard(path: Path, plan_hash: str) -> dict[str, Any] | None:
             return {
                 "n": int(h5["volumes"].shape[0]),
                 "excluded": json.loads(h5.attrs["excluded"]),
+                "resampled": json.loads(h5["resampled"].asstr()[()]),
                 "float16_max_error": float(h5.attrs["float16_max_error"]),
             }
     except Exception:  # a damaged leftover: rewrite it
@@ -393,6 +490,7 @@ def pack(
     out: str | os.PathLike,
     progress: bool = True,
     ground_truth: str | os.PathLike | None = None,
+    overwrite: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """Pack a CAT12 cohort into a store and return its manifest.
@@ -400,15 +498,19 @@ def pack(
     Parameters
     ----------
     cat12_root : path
-        CAT12 output folder (``<id>/mri/mwp1<id>.nii[.gz]`` or ``mri/mwp1<id>.nii[.gz]``).
+        CAT12 output folder, any mix of the layouts of :mod:`data_prep.discover`.
     participants : path or None
-        BIDS participants.tsv (default ``cat12_root/participants.tsv``).
+        BIDS participants.tsv (default ``cat12_root/participants.tsv``); ``participants.json`` beside it is
+        recorded when present.
     out : path
-        Store folder. Finished shards of an earlier run with identical inputs are kept.
+        Store folder: new, empty, or a store of the same cohort (finished shards of an earlier run with
+        identical inputs are kept, so an interrupted run resumes).
     progress : bool
         Show a tqdm progress bar.
     ground_truth : path or None
         Synthetic ground-truth folder to record (default ``cat12_root/ground_truth`` if present).
+    overwrite : bool
+        Replace a store of another cohort at ``out`` (refused otherwise).
     **options
         :class:`PackOptions` fields.
 
@@ -420,7 +522,8 @@ def pack(
     Raises
     ------
     ValueError, FileNotFoundError
-        With a message naming the subject, file or column.
+        With a message naming the subject, file or column; before anything is written for problems of the
+        input and for an ``out`` holding another cohort or something that is not a store.
     """
     import nibabel as nib
     from tqdm import tqdm
@@ -433,8 +536,10 @@ def pack(
     p = plan(root, participants, opts)
     if not p.shards:
         raise ValueError(f"no subject of {participants} is left to pack (all {len(p.excluded)} excluded)")
+    guard.check(out, p.cohort(), overwrite)
 
     (out / "shards").mkdir(parents=True, exist_ok=True)
+    guard.mark_in_progress(out, p.cohort(), {"cat12_root": str(root), "participants": str(participants.resolve())})
     for stale in (out / "shards").glob(".*.tmp-*"):
         log.warning("removing the leftover of an interrupted run: %s", stale)
         stale.unlink()
@@ -454,13 +559,17 @@ def pack(
                 bar.update(len(shard["candidates"]))
             else:
                 if pool is None and n_jobs > 1 and total > 1:
-                    pool = mp.get_context("fork").Pool(n_jobs, _init_worker, (p.shape, p.affine))
-                _init_worker(p.shape, p.affine)
+                    pool = mp.get_context("fork").Pool(n_jobs, _start_worker, (p.grid, opts.resample))
+                _init_worker(p.grid, opts.resample)
                 rec = _write_shard(p, shard, opts, path, pool, bar)
             records.append({**shard, **rec})
+        if pool is not None:  # all work done: let the workers exit on their own
+            pool.close()
+            pool.join()
+            pool = None
     finally:
         bar.close()
-        if pool is not None:
+        if pool is not None:  # an error or SIGTERM: stop the workers now
             pool.terminate()
 
     import h5py
@@ -480,9 +589,11 @@ def pack(
         shards_out.append({"file": rec["file"], "site": rec["site"], "n": rec["n"], "sha256": sha256_file(path),
                            "bytes": path.stat().st_size})
     kept_ids: list[str] = []
+    resampled: dict[str, dict[str, float]] = {}
     for rec in records:
         gone = {e["participant_id"] for e in rec["excluded"]}
         kept_ids.extend(pid for pid in rec["candidates"] if pid not in gone)
+        resampled.update(rec["resampled"])
     n_total = len(kept_ids)
     if n_total == 0:
         raise ValueError(f"no subject of {participants} is left to pack (all excluded; see the log)")
@@ -524,7 +635,10 @@ def pack(
         "ground_truth": str(gt) if gt.is_dir() else None,
         "grid": {"shape": list(p.shape), "affine": np.asarray(p.affine).tolist(), "voxel_mm": float(np.mean(voxel_sizes(p.affine)))},
         "labels": {"diagnosis_column": "diagnosis", "site_column": "site",
-                   "patient": opts.patient_label, "control": opts.control_label},
+                   "patient": opts.patient_label, "control": opts.control_label,
+                   "levels": ((p.meta or {}).get("diagnosis") or {}).get("Levels")},
+        "participants_json": p.meta,
+        "cohort": guard.by_site(p.cohort()),
         "sites": sites,
         "n_subjects": n_total,
         "shards": shards_out,
@@ -540,8 +654,10 @@ def pack(
             "chunks": [1, *p.shape],
             "lossless": opts.dtype == "float32",
         },
-        "qc": {"min_iqr_rating": opts.min_iqr_rating, "unrated": p.unrated},
+        "qc": {"min_iqr_rating": opts.min_iqr_rating, "missing_qc": opts.missing_qc, "unrated": p.unrated},
         "mask": {"file": "mask.nii.gz", "threshold": opts.mask_threshold, "n_voxels": int(mask.sum())},
+        "grids": _grids_entry(p, kept_ids, resampled),
+        "subjects": _subject_records(p, kept_ids, resampled),
     }
     old = read_json(out / "manifest.json")
     if old is not None and {**old, "created": None} == json.loads(json.dumps({**manifest, "created": None})):
@@ -549,6 +665,7 @@ def pack(
         log.info("store %s is up to date", out)
     else:
         atomic_write_json(out / "manifest.json", manifest)
+    guard.done(out)
     listed = {out / s["file"] for s in shards_out}
     for stale in sorted((out / "shards").glob("*.h5")):
         if stale not in listed:  # a shard of an earlier run with other sites/options: not part of this store
@@ -559,6 +676,32 @@ def pack(
     return manifest
 
 
+def _grids_entry(p: Plan, kept: list[str], resampled: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The manifest's ``grids``: the store grid, every grid found (sites, subjects), the resampling rule."""
+    site_of = {pid: p.table.rows[pid]["site"] for pid in kept}
+    found = [{**g.to_json(), "sites": sites} for g, sites in grids.table({k: p.source_grids[k] for k in kept}, site_of)]
+    return {
+        "store": p.grid.to_json(),
+        "found": found,
+        "resampling": {"method": grids.METHOD, "values": "mwp1 is a density (ml GM per ml voxel): resampled as it "
+                       "is, no voxel-volume factor; gm_ml = sum x voxel volume is kept up to interpolation error",
+                       "n_subjects": len(resampled)},
+    }
+
+
+def _subject_records(p: Plan, kept: list[str], resampled: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The manifest's ``subjects``: per packed subject the file used, the files not used, its grid, resampling."""
+    out = {}
+    for pid in kept:
+        scan = p.scans[pid]
+        rec: dict[str, Any] = {"file": str(scan.mwp1), "report": str(scan.report) if scan.report else None,
+                               "session": scan.session or None, "not_used": p.not_used.get(pid, [])}
+        if pid in resampled:
+            rec["resampled"] = {"from": p.source_grids[pid].describe(), **resampled[pid]}
+        else:
+            rec["resampled"] = None
+        out[pid] = rec
+    return out
 
 
 def _hdf5_version() -> str:
@@ -639,6 +782,15 @@ def _exit_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
+def default_sigterm() -> None:
+    """In a forked pool worker that writes no file: undo :func:`_exit_on_sigterm` inherited from the parent, so the
+    SIGTERM of ``Pool.terminate`` ends the worker at once (a handler raising SystemExit can leave it blocked in the
+    pool's queue lock, and the parent's ``terminate`` waiting for it forever)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     from dist_decode.cli import setup_logging
@@ -648,10 +800,13 @@ def main(argv: list[str] | None = None) -> int:
         description="Pack CAT12 mwp1 maps + participants.tsv into a sharded, checksummed HDF5 store, "
         "or verify a store (--verify).",
     )
-    ap.add_argument("--cat12-root", type=Path, help="CAT12 output folder (<id>/mri/mwp1<id>.nii[.gz] or mri/...)")
+    ap.add_argument("--cat12-root", type=Path, help="CAT12 output folder: <id>/mri/, mri/, BIDS sub-X[/ses-Y][/anat]/mri/ "
+                    "(any mix)")
     ap.add_argument("--participants", type=Path, default=None,
                     help="BIDS participants.tsv (default: CAT12_ROOT/participants.tsv)")
-    ap.add_argument("--out", type=Path, help="store folder to write (an interrupted run resumes)")
+    ap.add_argument("--out", type=Path, help="store folder to write: new, empty, or a store of this cohort (an "
+                    "interrupted run resumes)")
+    ap.add_argument("--overwrite", action="store_true", help="replace a store of another cohort at --out")
     ap.add_argument("--verify", type=Path, metavar="STORE", help="re-check every checksum of STORE; exit 1 on damage")
     ap.add_argument("--codec", choices=CODECS, default="blosc-lz4", help="chunk compression (default blosc-lz4)")
     ap.add_argument("--gzip-level", type=int, default=4, help="gzip level for --codec gzip (default 4)")
@@ -660,6 +815,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-iqr-rating", type=float, default=60.0,
                     help="QC: exclude subjects whose CAT12 IQR rating is below this percent (default 60; 105-10*IQR)")
     ap.add_argument("--no-qc", action="store_true", help="do not exclude on IQR")
+    ap.add_argument("--missing-qc", choices=MISSING_QC, default="keep",
+                    help="a scan without an IQR rating (no cat_*.xml or no IQR in it): keep it (default) or exclude it; "
+                    "warned and listed in the manifest either way")
+    ap.add_argument("--session", default=None, metavar="LABEL",
+                    help="pack this session of subjects with several (e.g. 01 or ses-01; default: the first session, "
+                    "in natural order, that passes the checks and QC)")
+    ap.add_argument("--grid", default="auto", metavar="SPEC",
+                    help="store grid: auto (default: the CAT12 12.8+ grid if a subject has it, else the most common), "
+                    "cat12[:MM], cat12.7[:MM], site:NAME, or a NIfTI file")
+    ap.add_argument("--no-resample", action="store_true",
+                    help="refuse a cohort whose subjects are on several grids (default: resample onto the store grid)")
     ap.add_argument("--mask-threshold", type=float, default=0.1, help="store mask: mean GM above this (default 0.1)")
     ap.add_argument("--patient-label", default="SZ", help="diagnosis value of patients (default SZ)")
     ap.add_argument("--control-label", default="HC", help="diagnosis value of controls (default HC)")
@@ -686,9 +852,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pack(
             args.cat12_root, args.participants, args.out, progress=not args.no_progress,
-            ground_truth=args.ground_truth, codec=args.codec, gzip_level=args.gzip_level,
+            ground_truth=args.ground_truth, overwrite=args.overwrite, codec=args.codec, gzip_level=args.gzip_level,
             dtype="float16" if args.float16 else "float32", max_shard_subjects=args.max_shard_subjects,
             min_iqr_rating=None if args.no_qc else args.min_iqr_rating, mask_threshold=args.mask_threshold,
+            missing_qc=args.missing_qc, session=args.session, grid=args.grid, resample=not args.no_resample,
             patient_label=args.patient_label, control_label=args.control_label,
             site_order=args.site_order.split(",") if args.site_order else None, strict=args.strict, n_jobs=args.jobs,
         )

@@ -96,6 +96,12 @@ class Preset:
         Each site's noise SD is uniform in [0.005, this].
     site_bias_max : float
         Each site's bias-field amplitude is uniform in [0.02, this].
+    site_grids : dict or None
+        ``{site: [box, voxel_mm]}``: write that site's files on another CAT12 grid, box ``"12.8"`` (bounding box
+        12) or ``"12.7"`` (the SPM box of CAT12 <= 12.7), as if it had been processed with another CAT12 release
+        or output resolution. Its subjects are the same people as on the cohort grid: every effect is a
+        function of MNI coordinates, evaluated on the site's grid (only the voxel noise differs). The ground
+        truth stays on the cohort grid.
     """
 
     site_sizes: list[int]
@@ -121,6 +127,7 @@ class Preset:
     site_fwhm_max_mm: float = 6.0
     site_noise_max: float = 0.03
     site_bias_max: float = 0.06
+    site_grids: dict[str, list] | None = None
 
     def names(self) -> list[str]:
         """Return the site labels."""
@@ -235,6 +242,13 @@ def resolve_preset(preset: str, voxel_mm: float | None = None, **overrides: Any)
         raise ValueError(f"n_specific {p.n_specific}: needs 1..{n_regions} (one region per factor at least)")
     if not p.specific_sigma_scale > 0:
         raise ValueError(f"specific_sigma_scale {p.specific_sigma_scale}: must be positive")
+    for site, spec in (p.site_grids or {}).items():
+        if site not in p.names():
+            raise ValueError(f"site_grids: unknown site {site!r} (sites: {', '.join(p.names())})")
+        if not (isinstance(spec, (list, tuple)) and len(spec) == 2 and spec[0] in anatomy.BOXES
+                and isinstance(spec[1], (int, float)) and spec[1] > 0):
+            raise ValueError(f"site_grids[{site!r}] = {spec!r}: expected [box, voxel_mm] with box in "
+                             f"{sorted(anatomy.BOXES)} and a positive voxel size")
     return p
 
 
@@ -324,6 +338,25 @@ def _subjects_table(p: Preset, sites: list[dict[str, Any]], rng: np.random.Gener
 
 
 @dataclass
+class Draws:
+    """The random parts of the effects, in MNI millimetres (independent of any grid).
+
+    Attributes
+    ----------
+    common : list of list of Blob
+        The blobs of each common shape factor.
+    specific : list of tuple of Blob
+        The regions of each specific factor.
+    bias : dict
+        site -> (blobs of its bias field, the field's peak |value| on the cohort grid).
+    """
+
+    common: list[list[anatomy.Blob]]
+    specific: list[tuple[anatomy.Blob, ...]]
+    bias: dict[str, tuple[list[anatomy.Blob], float]]
+
+
+@dataclass
 class Fields:
     """Everything a worker needs to render subjects: grid, base anatomy and unit effect bases."""
 
@@ -339,44 +372,68 @@ class Fields:
     bias: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def build_fields(p: Preset, sites: list[dict[str, Any]], seed: int) -> Fields:
-    """Build the grid, base anatomy, the planted effect bases and each site's bias field."""
+def _bias_field(blobs: list[anatomy.Blob], xyz: np.ndarray) -> np.ndarray:
+    """Sum of the bias blobs' Gaussians on the coordinates ``xyz`` (before normalisation)."""
+    field_ = np.zeros(xyz.shape[1:], np.float32)
+    for b in blobs:
+        d = xyz - np.asarray(b.center, np.float32)[:, None, None, None]
+        field_ += b.amplitude * np.exp(-(d**2).sum(0) / (2 * b.sigma**2))
+    return field_
+
+
+def draw_effects(p: Preset, sites: list[dict[str, Any]], seed: int) -> Draws:
+    """Draw the common factors, the specific regions and each site's bias blobs (centres on the cohort grid)."""
     shape, affine = anatomy.cat12_grid(p.voxel_mm)
-    base = anatomy.base_gm(p.voxel_mm)
     xyz = anatomy.world_coords(shape, affine)
+    brain = xyz[:, anatomy.base_gm(p.voxel_mm) > 0.2]
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2,)))
-    brain = xyz[:, base > 0.2]
-    common = [
-        anatomy.blob_basis(anatomy.random_blobs(rng, p.common_blobs, brain), xyz, p.common_log_j)
-        for _ in range(p.n_common)
-    ]
+    common = [anatomy.random_blobs(rng, p.common_blobs, brain) for _ in range(p.n_common)]
     blobs = specific_region_blobs(p, brain, seed)
     groups = [tuple(blobs[k::p.n_specific]) for k in range(p.n_specific)]  # regions dealt round-robin to factors
-    if p.specific_kind == "shape":
-        specific = [anatomy.blob_basis(g, xyz, p.specific_log_j) for g in groups]
-    else:
-        specific = [anatomy.density_basis(g, xyz, p.specific_log_j) for g in groups]
     bias = {}
     for s in sites:
-        blobs = anatomy.random_blobs(rng, 4, brain, sigma_range=(40.0, 70.0))
-        field_ = np.zeros(shape, np.float32)
-        for b in blobs:
-            d = xyz - np.asarray(b.center, np.float32)[:, None, None, None]
-            field_ += b.amplitude * np.exp(-(d**2).sum(0) / (2 * b.sigma**2))
-        field_ /= max(float(np.abs(field_).max()), 1e-6)
-        bias[s["site"]] = np.exp(s["bias_amplitude"] * field_).astype(np.float32)
+        b = anatomy.random_blobs(rng, 4, brain, sigma_range=(40.0, 70.0))
+        bias[s["site"]] = (b, max(float(np.abs(_bias_field(b, xyz)).max()), 1e-6))
+    return Draws(common, groups, bias)
+
+
+def fields_on_grid(p: Preset, sites: list[dict[str, Any]], draws: Draws, voxel_mm: float, box: str = "12.8") -> Fields:
+    """Evaluate the base anatomy, the effect bases and the bias fields of ``draws`` on a CAT12 grid."""
+    shape, affine = anatomy.cat12_grid(voxel_mm, box)
+    xyz = anatomy.world_coords(shape, affine)
+    if p.specific_kind == "shape":
+        specific = [anatomy.blob_basis(g, xyz, p.specific_log_j) for g in draws.specific]
+    else:
+        specific = [anatomy.density_basis(g, xyz, p.specific_log_j) for g in draws.specific]
+    bias = {}
+    for s in sites:
+        blobs, peak = draws.bias[s["site"]]
+        bias[s["site"]] = np.exp(s["bias_amplitude"] * (_bias_field(blobs, xyz) / peak)).astype(np.float32)
     return Fields(
         shape=shape,
         affine=affine,
-        voxel_mm=p.voxel_mm,
-        base=base,
+        voxel_mm=float(voxel_mm),
+        base=anatomy.base_gm(float(voxel_mm), box),
         xyz=xyz,
         specific=specific,
-        specific_blobs=groups,
+        specific_blobs=draws.specific,
         age=anatomy.blob_basis(anatomy.AGE_REGIONS, xyz, p.age_log_j),
-        common=common,
+        common=[anatomy.blob_basis(b, xyz, p.common_log_j) for b in draws.common],
         bias=bias,
     )
+
+
+def build_fields(p: Preset, sites: list[dict[str, Any]], seed: int) -> Fields:
+    """Build the cohort grid, base anatomy, the planted effect bases and each site's bias field."""
+    return fields_on_grid(p, sites, draw_effects(p, sites, seed), p.voxel_mm)
+
+
+def site_fields(p: Preset, sites: list[dict[str, Any]], seed: int) -> tuple[Fields, dict[str, Fields]]:
+    """The cohort-grid fields and, for each site of ``p.site_grids``, the same effects on the site's grid."""
+    draws = draw_effects(p, sites, seed)
+    cohort = fields_on_grid(p, sites, draws, p.voxel_mm)
+    own = {site: fields_on_grid(p, sites, draws, float(vox), box) for site, (box, vox) in (p.site_grids or {}).items()}
+    return cohort, own
 
 
 def specific_region_blobs(p: Preset, brain_xyz: np.ndarray, seed: int) -> list[anatomy.Blob]:
@@ -565,8 +622,8 @@ def _do_subject(index: int) -> int:
     mwp1, wj, xml = _subject_paths(out, subj["participant_id"])
     if mwp1.exists() and xml.exists() and (wj.exists() or not w["jacobian"]):
         return index
-    vol, jac = render_subject(w["fields"], subj, w["sites"][subj["site"]], w["seed"], index)
-    f: Fields = w["fields"]
+    f: Fields = w["site_fields"].get(subj["site"], w["fields"])
+    vol, jac = render_subject(f, subj, w["sites"][subj["site"]], w["seed"], index)
     if w["jacobian"]:
         save_nifti(wj, jac, f.affine)
     gm_ml = float(vol.sum()) * f.voxel_mm**3 / 1000.0
@@ -619,6 +676,8 @@ def synthesize(
     gt = out / GROUND_TRUTH
     settings = {"preset": preset, "seed": int(seed), "params": dataclasses.asdict(p)}
     settings["params"]["site_names"] = p.names()
+    if p.site_grids is None:  # keep synth.json of one-grid cohorts as it was before site_grids existed
+        del settings["params"]["site_grids"]
     if (gt / "synth.json").exists():
         old = json.loads((gt / "synth.json").read_text())
         if old != settings:
@@ -639,15 +698,17 @@ def synthesize(
         "synthesizing %d subjects (%d SZ) at %d sites on a %s grid at %g mm into %s",
         len(subjects), sum(p.site_patients), len(sites), anatomy.cat12_grid(p.voxel_mm)[0], p.voxel_mm, out,
     )
-    fields = build_fields(p, sites, seed)
+    fields, own_grids = site_fields(p, sites, seed)
+    for site, (box, vox) in (p.site_grids or {}).items():
+        log.info("site %s is written on the CAT12 %s box at %g mm (%s)", site, box, vox, own_grids[site].shape)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(gt / "synth.json", settings)
     _write_ground_truth(gt, fields, p, sites)
 
     _WORK.clear()
     _WORK.update(
-        subjects=subjects, sites={s["site"]: s for s in sites}, fields=fields, out=out, seed=int(seed),
-        jacobian=p.jacobian,
+        subjects=subjects, sites={s["site"]: s for s in sites}, fields=fields, site_fields=own_grids, out=out,
+        seed=int(seed), jacobian=p.jacobian,
     )
     n_jobs = (os.cpu_count() or 1) if n_jobs is None else max(1, int(n_jobs))
     todo = range(len(subjects))
@@ -658,10 +719,13 @@ def synthesize(
                 _do_subject(i)
                 bar.update()
         else:
-            # fork: workers inherit the (large, read-only) effect fields without pickling them.
+            # fork: workers inherit the (large, read-only) effect fields without pickling them, and the CLI's
+            # SIGTERM handler, so a terminated worker removes its temporary file. Done: close/join, not terminate.
             with mp.get_context("fork").Pool(n_jobs) as pool:
                 for _ in pool.imap_unordered(_do_subject, todo, chunksize=1):
                     bar.update()
+                pool.close()
+                pool.join()
     finally:
         bar.close()
         _WORK.clear()

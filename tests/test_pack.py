@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -82,6 +83,15 @@ def test_store_layout_and_manifest(tiny_store, tiny_cohort):
     assert all("QC: CAT12 IQR" in r for r in _reasons(m).values())
     assert sum(sum(c.values()) for c in m["counts"].values()) == m["n_subjects"] == 40 - len(poor)
     assert m["loso_ineligible"] == []
+    # One grid, nothing resampled; per subject the file used; the cohort is the whole table; participants.json read.
+    assert m["grids"]["store"]["description"] == "29x35x29 at 6 mm (CAT12 12.8+ box)" and len(m["grids"]["found"]) == 1
+    assert m["grids"]["resampling"]["n_subjects"] == 0 and len(m["subjects"]) == m["n_subjects"]
+    pid = next(iter(m["subjects"]))
+    assert m["subjects"][pid] == {"file": str(_mwp1(tiny_cohort.resolve(), pid)), "session": None, "not_used": [],
+                                  "report": str(tiny_cohort.resolve() / pid / "report" / f"cat_{pid}.xml"),
+                                  "resampled": None}
+    assert sum(len(v) for v in m["cohort"].values()) == 40 and m["labels"]["levels"]["SZ"].startswith("schizophrenia")
+    assert m["qc"] == {"min_iqr_rating": 60.0, "missing_qc": "keep", "unrated": []}
     mask = nib.load(tiny_store / "mask.nii.gz")
     assert mask.get_data_dtype() == np.uint8 and mask.shape == (29, 35, 29)
     assert np.asarray(mask.dataobj).sum() == m["mask"]["n_voxels"] > 0
@@ -139,14 +149,15 @@ def test_bids_style_names_and_parallel(cohort, tmp_path):
 
 
 def test_subject_folder_with_any_t1_name_and_ambiguous_files(cohort, tmp_path):
-    """Inside DIR/<id>/ the only mwp1 file is the subject's whatever the T1 was called; two candidates are an error."""
+    """Inside DIR/<id>/ the only mwp1 file is the subject's whatever the T1 was called; one scan as .nii and .nii.gz
+    is an error (the same scan twice: no rule can tell which is right)."""
     a, b = _ids(cohort)[:2]
     _mwp1(cohort, a).rename(cohort / a / "mri" / "mwp1T1_0001.nii.gz")
     m = _pack(cohort, tmp_path / "s")
     assert m["excluded"] == [] and m["n_subjects"] == 8
     img = nib.load(_mwp1(cohort, b))
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine), cohort / b / "mri" / f"mwp1{b}.nii")
-    with pytest.raises(ValueError, match=f"subject {b}: several mwp1 files match"):
+    with pytest.raises(ValueError, match=f"subject {b}: the same scan twice .*mwp1{b}.nii and .*mwp1{b}.nii.gz"):
         _pack(cohort, tmp_path / "t")
 
 
@@ -199,12 +210,18 @@ def test_interrupted_run_resumes(cohort, tmp_path):
     assert (out / "shards" / "siteA-0.h5").is_file()
     assert not (out / "shards" / "siteB-0.h5").exists() and not (out / "manifest.json").exists()
     assert not list((out / "shards").glob(".*tmp*"))  # no half-written shard left behind
+    assert (out / "pack-in-progress.json").is_file()  # the cohort being packed: another one is refused
+    other = synthesize(tmp_path / "other", seed=5, **{**SMALL, "sites": 3})
+    with pytest.raises(ValueError, match=r"holds the store of another cohort \(sites added: siteC; 4 subject"):
+        _pack(other, out)
     kept = (out / "shards" / "siteA-0.h5").stat().st_mtime_ns
     (out / "shards" / ".siteB-0.h5.tmp-999.h5").write_bytes(b"leftover of a killed run")
     _mwp1(cohort, pid_b).write_bytes(good)
     m = _pack(cohort, out, strict=True)
     assert (out / "shards" / "siteA-0.h5").stat().st_mtime_ns == kept  # finished shard reused
     assert m["n_subjects"] == 8 and not list((out / "shards").glob(".*tmp*"))
+    assert not (out / "pack-in-progress.json").exists() and m["cohort"] == {
+        "siteA": [p for p in _ids(cohort) if p.startswith("sub-A")], "siteB": [p for p in _ids(cohort) if p.startswith("sub-B")]}
     manifest_text = (out / "manifest.json").read_text()
     assert _pack(cohort, out, strict=True) == m  # a no-op re-run keeps the manifest byte for byte
     assert (out / "manifest.json").read_text() == manifest_text
@@ -223,6 +240,84 @@ def test_interrupted_run_resumes(cohort, tmp_path):
     _pack(cohort, out)
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["siteA-0.h5", "siteB-0.h5"]
     assert verify(out, progress=False) == []
+
+
+def _store_bytes(out):
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_out_holding_another_cohort_is_refused_or_overwritten(cohort, tmp_path, caplog):
+    """--out with the store of another cohort is refused before any work, naming the difference, and left intact;
+    --overwrite replaces it; a folder that is not a store is never written into."""
+    out = tmp_path / "s"
+    _pack(cohort, out)
+    before = _store_bytes(out)
+    other = synthesize(tmp_path / "other", seed=5, **{**SMALL, "sites": 3})
+    with pytest.raises(ValueError, match=r"--out .* holds the store of another cohort \(sites added: siteC; 4 subject\(s\) "
+                                         r"added \(sub-C0001, sub-C0002, sub-C0003, \.\.\.\)\); pass --overwrite"):
+        _pack(other, out)
+    ids = _ids(cohort)
+    _edit_tsv(cohort, lambda L: L[1].__setitem__(1, "siteB"))
+    with pytest.raises(ValueError, match=rf"1 subject\(s\) moved to another site \({ids[0]}: siteA -> siteB\)"):
+        _pack(cohort, out)
+    _edit_tsv(cohort, lambda L: L[1].__setitem__(1, "siteA"))
+    _edit_tsv(cohort, lambda L: L.__delitem__(slice(5, 9)))  # drop siteB's rows
+    with pytest.raises(ValueError, match=r"\(sites removed: siteB; 4 subject\(s\) removed \(sub-B0001, sub-B0002, "):
+        _pack(cohort, out)
+    assert _store_bytes(out) == before and verify(out, progress=False) == []
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert packmod.main(["--cat12-root", str(other), "--out", str(out), "--overwrite", "--jobs", "1",
+                             "--no-progress"]) == 0
+    assert "replacing the store of another cohort" in caplog.text
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["sites"] == ["siteA", "siteB", "siteC"] and m["n_subjects"] == 12
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["siteA-0.h5", "siteB-0.h5", "siteC-0.h5"]
+    st = Store.open(out)
+    np.testing.assert_array_equal(st.read(0), np.asarray(nib.load(_mwp1(other, st.participant_ids[0])).dataobj))
+    assert verify(out, progress=False) == []
+
+    listing = sorted(p.relative_to(cohort) for p in cohort.rglob("*"))
+    with pytest.raises(ValueError, match=r"--out .*cohort is not a store and not empty \(holds ground_truth, "
+                                         r"participants.json, participants.tsv, sub-A0001, sub-A0002\); the packer"):
+        _pack(other, cohort, overwrite=True)
+    assert sorted(p.relative_to(cohort) for p in cohort.rglob("*")) == listing
+    (tmp_path / "note.txt").write_text("x")
+    with pytest.raises(ValueError, match="is not a store and not empty \\(is a file\\)"):
+        _pack(other, tmp_path / "note.txt")
+
+
+def test_missing_qc_rating_is_kept_or_excluded_never_silent(cohort, tmp_path, caplog):
+    """A report without IQR and a missing report: kept with a warning (default) or excluded (--missing-qc exclude);
+    listed in qc.unrated either way."""
+    a, b = _ids(cohort)[:2]
+    xml_a = cohort / a / "report" / f"cat_{a}.xml"
+    xml_a.write_text(re.sub(r"\s*<IQR>[^<]*</IQR>", "", xml_a.read_text()))
+    (cohort / b / "report" / f"cat_{b}.xml").unlink()
+    problems = {a: f"{xml_a} has no qualityratings/IQR", b: f"no report/cat_{b}.xml beside {cohort / b / 'mri'}"}
+    with caplog.at_level(logging.WARNING):
+        m = _pack(cohort, tmp_path / "keep")
+    assert m["n_subjects"] == 8 and m["excluded"] == [] and m["qc"]["missing_qc"] == "keep"
+    assert m["qc"]["unrated"] == [{"participant_id": p, "file": str(_mwp1(cohort, p)), "problem": problems[p],
+                                   "kept": True} for p in (a, b)]
+    assert "2 subject(s) have no CAT12 IQR rating and are kept unrated (--missing-qc keep" in caplog.text
+    st = Store.open(tmp_path / "keep")
+    ia, ib = st.index_of(a), st.index_of(b)
+    assert np.isnan(st.phenotypes["iqr"][[ia, ib]]).all() and np.isfinite(st.phenotypes["tiv_ml"][ia])
+    assert np.isnan(st.phenotypes["tiv_ml"][ib])
+
+    assert packmod.main(["--cat12-root", str(cohort), "--out", str(tmp_path / "excl"), "--jobs", "1", "--no-progress",
+                         "--missing-qc", "exclude"]) == 0
+    m = json.loads((tmp_path / "excl" / "manifest.json").read_text())
+    assert _reasons(m) == {p: f"QC: no IQR rating ({problems[p]}); --missing-qc exclude" for p in (a, b)}
+    assert [u["kept"] for u in m["qc"]["unrated"]] == [False, False] and m["n_subjects"] == 6
+
+    caplog.clear()
+    m = _pack(cohort, tmp_path / "noqc", min_iqr_rating=None, missing_qc="exclude")  # no QC: nothing to miss
+    assert m["n_subjects"] == 8 and len(m["qc"]["unrated"]) == 2 and "kept unrated" not in caplog.text
+    with pytest.raises(ValueError, match="missing_qc 'maybe'"):
+        _pack(cohort, tmp_path / "bad", missing_qc="maybe")
 
 
 def test_verify_detects_damage(tiny_store, tmp_path, caplog):
@@ -261,18 +356,39 @@ def test_truncated_and_unreadable_nifti(cohort, tmp_path):
         _pack(cohort, tmp_path / "strict", strict=True)
 
 
-def test_wrong_shape_and_affine(cohort, tmp_path):
-    a, b = _ids(cohort)[:2]
-    img = nib.load(_mwp1(cohort, a))
-    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-1], img.affine), _mwp1(cohort, a))
-    img = nib.load(_mwp1(cohort, b))
-    shifted = img.affine.copy()
-    shifted[0, 3] += 3.0
-    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), shifted), _mwp1(cohort, b))
-    r = _reasons(_pack(cohort, tmp_path / "s"))
-    assert "shape (14, 18, 15) differs from the cohort grid (15, 18, 15)" in r[a] and str(_mwp1(cohort, a)) in r[a]
-    assert "affine differs" in r[b] and "3 mm" in r[b]
-    with pytest.raises(ValueError, match=f"subject {a}: .*shape"):
+def test_other_shape_and_affine_are_resampled(cohort, tmp_path):
+    """A cropped volume and one shifted by 3 mm are on other grids: resampled and recorded (or one error with
+    --no-resample); a volume whose grey matter lies outside the store grid is excluded, naming the file."""
+    a, b, c = _ids(cohort)[:3]
+    affine = nib.load(_mwp1(cohort, a)).affine
+    orig = {pid: np.asarray(nib.load(_mwp1(cohort, pid)).dataobj, np.float32) for pid in (a, b, c)}
+    nib.save(nib.Nifti1Image(orig[a][:-1], affine), _mwp1(cohort, a))
+    for pid, dx in ((b, 3.0), (c, 500.0)):
+        shifted = affine.copy()
+        shifted[0, 3] += dx
+        nib.save(nib.Nifti1Image(orig[pid], shifted), _mwp1(cohort, pid))
+    m = _pack(cohort, tmp_path / "s")
+    r = _reasons(m)
+    assert list(r) == [c] and str(_mwp1(cohort, c)) in r[c]
+    assert "only 0.0% of its grey matter lies inside the store grid 15x18x15 at 12 mm (CAT12 12.8+ box)" in r[c]
+    assert m["grids"]["store"]["description"] == "15x18x15 at 12 mm (CAT12 12.8+ box)"
+    assert m["subjects"][a]["resampled"]["from"] == "14x18x15 at 12 mm (origin 84, -120, -72)"
+    assert m["subjects"][b]["resampled"]["from"] == "15x18x15 at 12 mm (origin 87, -120, -72)"
+    assert m["subjects"][_ids(cohort)[3]]["resampled"] is None and m["grids"]["resampling"]["n_subjects"] == 2
+    st = Store.open(tmp_path / "s")
+    va = st.read(st.index_of(a))
+    np.testing.assert_allclose(va[:-1], orig[a][:-1], atol=1e-6)  # same voxels: values unchanged
+    assert (va[-1] == 0).all()
+    rec = m["subjects"][b]["resampled"]
+    assert rec["gm_ml_store"] == pytest.approx(rec["gm_ml_source"], rel=0.03)  # a density: no voxel-volume factor
+    vb = st.read(st.index_of(b))
+    assert not np.allclose(vb, orig[b]) and np.corrcoef(vb.ravel(), orig[b].ravel())[0, 1] > 0.8
+    with pytest.raises(ValueError, match=r"--no-resample: 3 subject\(s\) are not on the store grid 15x18x15 at 12 mm "
+                                         r"\(CAT12 12.8\+ box\); grids found \(sites, subjects\): 15x18x15 at 12 mm "
+                                         r"\(CAT12 12.8\+ box\): siteA \(1\), siteB \(4\); 14x18x15"):
+        _pack(cohort, tmp_path / "strict", resample=False)
+    assert not (tmp_path / "strict").exists()
+    with pytest.raises(ValueError, match=f"subject {c}: .*only 0.0%"):
         _pack(cohort, tmp_path / "strict", strict=True)
 
 
@@ -291,7 +407,7 @@ def test_subject_in_table_but_not_on_disk(cohort, tmp_path):
     pid = _ids(cohort)[3]
     shutil.rmtree(cohort / pid)
     m = _pack(cohort, tmp_path / "s")
-    assert "in participants.tsv but no mri/mwp1" in _reasons(m)[pid] and m["n_subjects"] == 7
+    assert f"in participants.tsv but no mwp1{pid}*.nii[.gz] found" in _reasons(m)[pid] and m["n_subjects"] == 7
     with pytest.raises(ValueError, match=f"subject {pid}: in participants.tsv but no"):
         _pack(cohort, tmp_path / "strict", strict=True)
 
@@ -310,7 +426,7 @@ def test_subject_on_disk_but_not_in_table(cohort, tmp_path):
     "edit, message",
     [
         (lambda L: L.append(list(L[1])), r"duplicate participant_id 'sub-A0001' on lines 2 and 10"),
-        (lambda L: L[3].__setitem__(2, "schizo"), r"line 4: subject sub-A0003 has unknown diagnosis label 'schizo'"),
+        (lambda L: L[3].__setitem__(2, "schizo"), r"'schizo' first on line 4 \(subject sub-A0003\)"),
         (lambda L: L[2].__setitem__(3, "forty"), r"line 3: subject sub-A0002: column 'age' must be numeric.*'forty'"),
         (lambda L: [row.pop(2) for row in L], r"missing required column 'diagnosis'"),
         (lambda L: L[5].__setitem__(1, "n/a"), r"line 6: subject sub-B0001 has no site"),
@@ -356,7 +472,7 @@ def test_cli(cohort, tmp_path, caplog, capsys):
     assert m["sites"] == ["siteB", "siteA"] and m["storage"]["dtype"] == "float16"
     _edit_tsv(cohort, lambda L: L[3].__setitem__(2, "XX"))
     assert packmod.main(["--cat12-root", str(cohort), "--out", str(tmp_path / "t"), "--no-progress"]) == 2
-    assert "unknown diagnosis label 'XX'" in caplog.text
+    assert "'XX' first on line 4" in caplog.text and "--patient-label LABEL" in caplog.text
     assert "Traceback" not in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         packmod.main(["--help"])

@@ -31,6 +31,38 @@ def test_cat12_grid():
     np.testing.assert_allclose((aff @ np.array([*(s - 1 for s in shape), 1.0]))[:3], [-84, 84, 96])
     with pytest.raises(ValueError):
         anatomy.cat12_grid(0)
+    # CAT12 <= 12.7 wrote the SPM box: 121x145x121 at 1.5 mm.
+    shape, aff = anatomy.cat12_grid(1.5, "12.7")
+    assert shape == (121, 145, 121)
+    np.testing.assert_array_equal(aff[:3], [[-1.5, 0, 0, 90], [0, 1.5, 0, -126], [0, 0, 1.5, -72]])
+    with pytest.raises(ValueError, match="bounding box '12.6'"):
+        anatomy.cat12_grid(1.5, "12.6")
+
+
+def test_site_on_another_grid_is_the_same_people(tmp_path):
+    """site_grids writes a site on another CAT12 grid; the other sites are unchanged and its subjects are the same
+    people (same report values, same total grey matter up to discretisation)."""
+    kw = dict(SMALL, voxel_mm=8.0, jacobian=False, n_jobs=1, poor_quality_fraction=0.0)
+    a = synth.synthesize(tmp_path / "a", seed=3, **kw)
+    b = synth.synthesize(tmp_path / "b", seed=3, site_grids={"siteB": ["12.7", 6.0]}, **kw)
+    assert json.loads((b / "ground_truth" / "synth.json").read_text())["params"]["site_grids"] == {"siteB": ["12.7", 6.0]}
+    assert "site_grids" not in json.loads((a / "ground_truth" / "synth.json").read_text())["params"]
+    for row in _table(a / "participants.tsv"):
+        pid = row["participant_id"]
+        ia, ib = nib.load(a / pid / "mri" / f"mwp1{pid}.nii.gz"), nib.load(b / pid / "mri" / f"mwp1{pid}.nii.gz")
+        xa, xb = ((a if d == "a" else b) / pid / "report" / f"cat_{pid}.xml" for d in "ab")
+        assert ET.parse(xa).find("subjectmeasures/vol_TIV").text == ET.parse(xb).find("subjectmeasures/vol_TIV").text
+        if row["site"] == "siteA":
+            np.testing.assert_array_equal(np.asarray(ia.dataobj), np.asarray(ib.dataobj))
+            continue
+        assert ib.shape == (31, 37, 31) and ia.shape == (22, 26, 22)
+        np.testing.assert_array_equal(ib.affine[:3], [[-6, 0, 0, 90], [0, 6, 0, -126], [0, 0, 6, -72]])
+        gm = [float(np.asarray(i.dataobj, np.float64).sum()) * abs(np.linalg.det(i.affine[:3, :3])) / 1000 for i in (ia, ib)]
+        assert gm[1] == pytest.approx(gm[0], rel=0.01)  # measured within 0.4 %
+    with pytest.raises(ValueError, match="site_grids: unknown site 'siteQ'"):
+        synth.resolve_preset("tiny", site_grids={"siteQ": ["12.7", 6.0]})
+    with pytest.raises(ValueError, match=r"site_grids\['siteA'\]"):
+        synth.resolve_preset("tiny", site_grids={"siteA": ["12.5", 6.0]})
 
 
 def test_tiny_cohort_layout(tiny_cohort):
