@@ -61,7 +61,7 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
                     "time of a DECODE-SZ fold)",
                     ['model.name="anchor2022"', "data.grid=[64,64,64]", 'data.proportional_scaling="none"',
                      "data.smooth_fwhm_mm=0", "data.site_gain=false", "data.site_center=false",
-                     'model.route="joint"', "train.steps=20", "train.checkpoint_every=10"], []),
+                     'model.route="joint"', 'model.decoder="conv"', "train.steps=20", "train.checkpoint_every=10"], []),
     "previous defaults": ("before issue 9: raw volumes at 40x48x40, nonlinear joint decoder, 200 steps",
                           ["data.grid=[40,48,40]", 'data.proportional_scaling="none"', "data.smooth_fwhm_mm=0",
                            "data.site_gain=false", "data.site_center=false", 'model.encoder="nonlinear"',
@@ -146,11 +146,11 @@ def run_variant(work: Path, cohort: str, variant: str, store: Path, folds: str =
     if model == "vae":  # one latent space: it is both "S" and "C"
         values["S~specific"] = values["C~specific"]
         values["S~common"] = values["C~common"]
-    folds = sorted(p.parent.name for p in (run / "folds").glob("*/DONE"))
-    done = json.loads((run / "folds" / folds[0] / "DONE").read_text())
+    done_sites = sorted(p.parent.name for p in (run / "folds").glob("*/DONE"))
+    done = json.loads((run / "folds" / done_sites[0] / "DONE").read_text())
     return {"cohort": cohort, "variant": variant, "folds": folds, "what": VARIANTS[variant][0], "run": str(run),
             "n_parameters": done.get("n_parameters"), "steps": done.get("steps"), "wall_s": round(wall, 1),
-            "fold_wall_s": [json.loads((run / "folds" / s / "DONE").read_text()).get("wall_s") for s in folds],
+            "fold_wall_s": [json.loads((run / "folds" / s / "DONE").read_text()).get("wall_s") for s in done_sites],
             "metrics": {m: values.get(m) for m in METRICS},
             "oracle": values.get("oracle specific~common (floor of the cross-talk rows)"),
             "corr_mean_effect_vs_planted": (rec.get("maps") or {}).get("corr_mean_effect_vs_planted")}
