@@ -316,6 +316,7 @@ def _graded_tree4(ci: np.ndarray, cj: np.ndarray, codes: np.ndarray, table: np.n
     q = np.zeros(n_top * 4, np.int64)
     same = np.zeros(4, np.int64)
     buf = np.zeros(4 * 64, np.uint64)
+    vb = np.zeros(4 * 64, np.uint64)       # [lane][cell]: virtual level of the cell
     pi01 = np.zeros(n, np.uint64)
     pi23 = np.zeros(n, np.uint64)
     pj01 = np.zeros(n, np.uint64)
@@ -346,7 +347,7 @@ def _graded_tree4(ci: np.ndarray, cj: np.ndarray, codes: np.ndarray, table: np.n
         for k0 in range(0, m, 64):
             nk = min(64, m - k0)
             bit = one
-            # pass 1: virtual levels, fine counts per cell, top-bucket masks
+            # pass 1: virtual levels and top-bucket masks
             for t in range(nk):
                 k = np.uint64(k0 + t)
                 ia = ci[k]
@@ -357,11 +358,10 @@ def _graded_tree4(ci: np.ndarray, cj: np.ndarray, codes: np.ndarray, table: np.n
                 v1 = np.uint64(table[x01 >> s32])
                 v2 = np.uint64(table[x23 & lo])
                 v3 = np.uint64(table[x23 >> s32])
-                if depth > 0:
-                    f0 += _tree_fine(nodes, np.uint64(0), off2, off3, depth, v0)
-                    f1 += _tree_fine(nodes, ln, off2, off3, depth, v1)
-                    f2 += _tree_fine(nodes, ln * two, off2, off3, depth, v2)
-                    f3 += _tree_fine(nodes, ln * three, off2, off3, depth, v3)
+                vb[t] = v0
+                vb[64 + t] = v1
+                vb[128 + t] = v2
+                vb[192 + t] = v3
                 l0 = (v0 >> tsh) << two
                 l1 = ((v1 >> tsh) << two) | one
                 l2 = ((v2 >> tsh) << two) | two
@@ -375,6 +375,13 @@ def _graded_tree4(ci: np.ndarray, cj: np.ndarray, codes: np.ndarray, table: np.n
                 mask[l2] |= bit
                 mask[l3] |= bit
                 bit <<= one
+            # fine counts, in a loop of their own (their node updates stall less there)
+            if depth > 0:
+                for t in range(nk):
+                    f0 += _tree_fine(nodes, np.uint64(0), off2, off3, depth, vb[t])
+                    f1 += _tree_fine(nodes, ln, off2, off3, depth, vb[64 + t])
+                    f2 += _tree_fine(nodes, ln * two, off2, off3, depth, vb[128 + t])
+                    f3 += _tree_fine(nodes, ln * three, off2, off3, depth, vb[192 + t])
             _scan_lanes(mask, less, q, same, n_top)
             # pass 2 as in _graded_bitword4
             below = np.uint64(0)
