@@ -10,7 +10,7 @@ from scipy.stats import kendalltau
 
 from dist_decode.rsa import run_rsa
 from dist_decode.rsa.kendall import (BITWORD_LEVELS, CategoricalEngine, GradedEngine, kendall, make_engine,
-                                     model_vector)
+                                     model_vector, tie_pairs)
 from dist_decode.rsa.permutation import block_rng, perm_block, restrict
 
 
@@ -129,8 +129,6 @@ def test_make_engine_picks_gemm_for_few_groups(tied):
 
 def scipy_s(x: np.ndarray, y: np.ndarray) -> int:
     """``S`` from ``scipy.stats.kendalltau`` (tau-b) through tau-a = tau-b sqrt((P - x_ties)(P - y_ties)) / P."""
-    from dist_decode.rsa.kendall import tie_pairs
-
     p = x.size * (x.size - 1) // 2
     tau_b = kendalltau(x, y)[0]
     return int(np.rint(tau_b * np.sqrt(float(p - tie_pairs(x)) * float(p - tie_pairs(y)))))
@@ -221,3 +219,21 @@ def test_decimal_ages_p_values_equal_naive_scipy_loop_within_strata():
     null = np.array([scipy_s(data, model_vector(vals[p], "continuous")) for p in local])
     assert rows[0]["S"] == obs
     assert rows[0]["p"] == (1 + np.sum(np.abs(null) >= abs(obs))) / (B + 1)
+
+
+def test_lightly_tied_data_use_fast_kernels_with_tie_correction(tied):
+    """A data RDM with a few tied cells keeps the bit-word / tree kernels (plus the exact correction over
+    its tied pairs); heavily tied data keep the tie-group sweeps."""
+    rng = np.random.default_rng(50)
+    n = 56
+    data = pdist(np.round(rng.normal(size=(n, 2)), 2))
+    assert 0 < tie_pairs(data) <= data.size
+    perms = np.array([rng.permutation(n) for _ in range(8)])
+    for values, kernel in ((rng.integers(20, 60, n).astype(float), "bitword4"),
+                           (np.round(rng.uniform(18, 40, n), 2), "tree4")):
+        eng = GradedEngine(data, values, "continuous")
+        assert eng.kernel == kernel and eng.tie_starts is not None
+        assert eng.statistics(perms).tolist() == [brute_s(data, model_vector(values[p], "continuous"))
+                                                  for p in perms]
+    heavy = tied[1]
+    assert GradedEngine(heavy, tied[3], "continuous").kernel in ("flat", "fenwick")

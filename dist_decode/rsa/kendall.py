@@ -38,6 +38,10 @@ from numba.extending import intrinsic
 FLAT_LEVELS = 64
 #: Model levels up to which the 64-cell bit-word kernel is used (its per-word cost grows with K).
 BITWORD_LEVELS = 512
+#: Data RDMs with at most this many tied pairs of cells per cell still use the bit-word and tree kernels
+#: (which sweep tied cells as if they were not tied) plus an exact correction over the tied pairs
+#: (:func:`_tie_correction`); more tied data use the tie-group sweeps.
+TIED_PAIRS_PER_CELL = 1.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -410,6 +414,34 @@ def _graded_tree4(ci: np.ndarray, cj: np.ndarray, codes: np.ndarray, table: np.n
         fine[b + 3] = np.int64(f3)
 
 
+@numba.njit(cache=True, nogil=True)
+def _tie_correction(ci: np.ndarray, cj: np.ndarray, starts: np.ndarray, ends: np.ndarray, codes: np.ndarray,
+                    table: np.ndarray, n_codes: int, out: np.ndarray) -> None:
+    """``sum_p sum_{a <= k < l < e} sgn(level_l - level_k)`` over the data tie groups ``[a, e)`` (size >= 2).
+
+    The bit-word and tree kernels sweep tied data cells in their stable sorted order, as if they were
+    not tied; this is what that adds to ``S`` (``O(sum_g C(size_g, 2))`` per permutation).
+    """
+    nperm = codes.shape[0]
+    size = 0
+    for g in range(starts.shape[0]):
+        size = max(size, ends[g] - starts[g])
+    buf = np.zeros(size, np.int64)
+    for b in range(nperm):
+        row = codes[b]
+        c = 0
+        for g in range(starts.shape[0]):
+            a = starts[g]
+            e = ends[g]
+            for k in range(a, e):
+                buf[k - a] = table[np.int64(row[ci[k]]) * n_codes + np.int64(row[cj[k]])]
+            for x in range(e - a):
+                lx = buf[x]
+                for y in range(x + 1, e - a):
+                    c += np.int64(buf[y] > lx) - np.int64(buf[y] < lx)
+        out[b] = c
+
+
 @numba.njit(cache=True)
 def _pack_levels(counts: np.ndarray, cap_levels: int, cap_cells: int) -> tuple[np.ndarray, int]:
     """Virtual level of each level (in order) and the number of top buckets.
@@ -690,12 +722,19 @@ class GradedEngine:
         self.x_ties = tie_pairs(data)
         self.y_ties = tie_pairs(model_vector(values, kind))
         self.correction = 0
-        if self.groups.size != self.m + 1:
+        self.tie_starts = self.tie_ends = None
+        if self.groups.size != self.m + 1 and self.x_ties > TIED_PAIRS_PER_CELL * self.m:
             self.kernel = "flat" if k <= FLAT_LEVELS else "fenwick"
         elif u <= 256 and k <= BITWORD_LEVELS:
             self.kernel = "bitword4"
         else:
             self.kernel = "tree4"
+        if self.groups.size != self.m + 1 and self.kernel in ("bitword4", "tree4"):
+            # few tied data cells: sweep them as if untied, then take out what their pairs added
+            sizes = np.diff(self.groups)
+            self.tie_starts = self.groups[:-1][sizes > 1]
+            self.tie_ends = self.groups[1:][sizes > 1]
+            self.const = self.m * (self.m - 1) // 2
         if self.kernel != "tree4":
             self.table = lv.astype(np.uint8 if k <= 256 else (np.uint16 if k <= 65536 else np.int32))
             return
@@ -739,6 +778,11 @@ class GradedEngine:
                               self.lane_nodes, nodes, full, fine)
                 full += 2 * fine
             out[:] = full[:b]
+            if self.tie_starts is not None:
+                tied = np.empty(b, np.int64)
+                _tie_correction(self.ci, self.cj, self.tie_starts, self.tie_ends, codes[:b], self.table,
+                                self.n_codes, tied)
+                out -= tied
         elif self.kernel == "flat":
             _graded_flat(self.ci, self.cj, self.groups, codes, self.table, self.n_codes, out)
         else:
