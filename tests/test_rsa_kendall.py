@@ -165,8 +165,8 @@ def test_tree_kernel_equals_scipy_per_permutation_within_strata(ties):
 
 @pytest.mark.parametrize("top, cells, depth", [(64, 65535, 1), (2, 65535, 2), (1, 65535, 3), (64, 10, 3)])
 def test_tree_kernel_depths_and_bucket_caps(monkeypatch, top, cells, depth):
-    """Every tree depth, and top buckets closed by the cell cap (more of them than TREE_TOP even at the
-    deepest tree), give the exact S."""
+    """Every tree depth (depth 3: trees bucket by bucket over regions), and top buckets closed by the cell
+    cap (more of them than TREE_TOP even at the deepest tree), give the exact S."""
     mod = sys.modules["dist_decode.rsa.kendall"]  # the module (dist_decode.rsa re-exports the function)
     monkeypatch.setattr(mod, "TREE_TOP", top)
     monkeypatch.setattr(mod, "TREE_CELLS", cells)
@@ -175,7 +175,7 @@ def test_tree_kernel_depths_and_bucket_caps(monkeypatch, top, cells, depth):
     age = rng.uniform(0, 1, n)
     data = pdist(rng.normal(size=(n, 3)))
     eng = GradedEngine(data, age, "continuous")
-    assert eng.kernel == "tree4" and eng.depth == depth
+    assert eng.kernel == "tree4" and eng.depth == depth and eng.regions == (depth == 3)
     if cells < 65535:
         assert eng.n_top > top  # buckets closed by the cell cap: more than the level cap would need
     perms = np.array([rng.permutation(n) for _ in range(9)])

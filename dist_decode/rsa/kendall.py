@@ -296,7 +296,7 @@ def _tree_fine(nodes: np.ndarray, base: np.uint64, off2: np.uint64, off3: np.uin
 @numba.njit(cache=True, nogil=True)
 def _graded_tree4(ci: np.ndarray, cj: np.ndarray, codes: np.ndarray, table: np.ndarray, n_codes: int,
                   n_top: int, depth: int, lane_nodes: int, nodes: np.ndarray, out: np.ndarray,
-                  fine: np.ndarray) -> None:
+                  fine: np.ndarray, starts: np.ndarray, region: np.ndarray) -> None:
     """Four permutations per pass for a model with any number of levels and codes (data without ties).
 
     ``table[a * n_codes + c]`` is the *virtual level* ``v`` of a cell between codes ``a`` and ``c``
@@ -308,6 +308,12 @@ def _graded_tree4(ci: np.ndarray, cj: np.ndarray, codes: np.ndarray, table: np.n
     level}``). ``nodes`` holds ``4 * lane_nodes`` aligned nodes of ``FAN`` uint16 (zeroed here), the
     depth-1 nodes (one per top bucket) first, then the depth-2 and depth-3 nodes. Codes are packed as two
     32-bit fields per uint64, so any ``n_codes`` with ``n_codes**2 < 2**32`` works.
+
+    With ``region`` (``4 * m`` uint16; ``starts``: the first cell of each top bucket in it, which does not
+    depend on the permutation) the sweep only scatters each cell's digits into its lane's bucket region,
+    in data order, and the trees run bucket by bucket after the sweep, on ``nodes`` sized for one bucket
+    (``4 * (1 + FAN + FAN**2)`` nodes): for models with so many levels (``depth == 3``) that one tree per
+    bucket of all four lanes would not stay in cache.
     """
     nperm = codes.shape[0]
     n = codes.shape[1]
@@ -327,6 +333,11 @@ def _graded_tree4(ci: np.ndarray, cj: np.ndarray, codes: np.ndarray, table: np.n
     same = np.zeros(4, np.int64)
     buf = np.zeros(4 * 64, np.uint64)
     vb = np.zeros(4 * 64, np.uint64)       # [lane][cell]: virtual level of the cell
+    regions = region.shape[0] > 1
+    cur = np.zeros(4 * n_top, np.int64)    # [lane][bucket]: next free cell of the bucket's region
+    un = np.uint64(n_top)
+    dmask = np.uint64((1 << (FAN_BITS * depth)) - 1)
+    bl = 1 + FAN + FAN * FAN               # nodes of one bucket's tree per lane (regions)
     pi01 = np.zeros(n, np.uint64)
     pi23 = np.zeros(n, np.uint64)
     pj01 = np.zeros(n, np.uint64)
@@ -344,7 +355,11 @@ def _graded_tree4(ci: np.ndarray, cj: np.ndarray, codes: np.ndarray, table: np.n
             pi23[s] = (c2 * nc) | ((c3 * nc) << s32)
         q[:] = 0
         same[:] = 0
-        if depth > 0:
+        if regions:
+            for lane in range(4):
+                for u in range(n_top):
+                    cur[lane * n_top + u] = lane * m + starts[u]
+        elif depth > 0:
             nodes[:] = 0
         acc0 = np.int64(0)
         acc1 = np.int64(0)
@@ -368,14 +383,32 @@ def _graded_tree4(ci: np.ndarray, cj: np.ndarray, codes: np.ndarray, table: np.n
                 v1 = np.uint64(table[x01 >> s32])
                 v2 = np.uint64(table[x23 & lo])
                 v3 = np.uint64(table[x23 >> s32])
-                vb[t] = v0
-                vb[64 + t] = v1
-                vb[128 + t] = v2
-                vb[192 + t] = v3
-                l0 = (v0 >> tsh) << two
-                l1 = ((v1 >> tsh) << two) | one
-                l2 = ((v2 >> tsh) << two) | two
-                l3 = ((v3 >> tsh) << two) | three
+                t0 = v0 >> tsh
+                t1 = v1 >> tsh
+                t2 = v2 >> tsh
+                t3 = v3 >> tsh
+                if regions:
+                    p0 = cur[t0]
+                    region[p0] = v0 & dmask
+                    cur[t0] = p0 + 1
+                    p1 = cur[t1 + un]
+                    region[p1] = v1 & dmask
+                    cur[t1 + un] = p1 + 1
+                    p2 = cur[t2 + un * two]
+                    region[p2] = v2 & dmask
+                    cur[t2 + un * two] = p2 + 1
+                    p3 = cur[t3 + un * three]
+                    region[p3] = v3 & dmask
+                    cur[t3 + un * three] = p3 + 1
+                else:
+                    vb[t] = v0
+                    vb[64 + t] = v1
+                    vb[128 + t] = v2
+                    vb[192 + t] = v3
+                l0 = t0 << two
+                l1 = (t1 << two) | one
+                l2 = (t2 << two) | two
+                l3 = (t3 << two) | three
                 buf[t] = l0
                 buf[64 + t] = l1
                 buf[128 + t] = l2
@@ -386,7 +419,7 @@ def _graded_tree4(ci: np.ndarray, cj: np.ndarray, codes: np.ndarray, table: np.n
                 mask[l3] |= bit
                 bit <<= one
             # fine counts, in a loop of their own (their node updates stall less there)
-            if depth > 0:
+            if depth > 0 and not regions:
                 for t in range(nk):
                     f0 += _tree_fine(nodes, np.uint64(0), off2, off3, depth, vb[t])
                     f1 += _tree_fine(nodes, ln, off2, off3, depth, vb[64 + t])
@@ -414,6 +447,22 @@ def _graded_tree4(ci: np.ndarray, cj: np.ndarray, codes: np.ndarray, table: np.n
         out[b + 1] = acc1 + (same[1] - m) // 2
         out[b + 2] = acc2 + (same[2] - m) // 2
         out[b + 3] = acc3 + (same[3] - m) // 2
+        if regions:
+            # bucket by bucket, the four lanes' regions in lockstep (a bucket has as many cells in each)
+            ubl = np.uint64(bl)
+            boff2 = np.uint64(1)
+            boff3 = np.uint64(1 + FAN)
+            for u in range(n_top):
+                a = starts[u]
+                cnt = starts[u + 1] - a
+                if cnt < 2:
+                    continue
+                nodes[:] = 0
+                for x in range(a, a + cnt):
+                    f0 += _tree_fine(nodes, np.uint64(0), boff2, boff3, depth, np.uint64(region[x]))
+                    f1 += _tree_fine(nodes, ubl, boff2, boff3, depth, np.uint64(region[m + x]))
+                    f2 += _tree_fine(nodes, ubl * two, boff2, boff3, depth, np.uint64(region[2 * m + x]))
+                    f3 += _tree_fine(nodes, ubl * three, boff2, boff3, depth, np.uint64(region[3 * m + x]))
         fine[b] = np.int64(f0)
         fine[b + 1] = np.int64(f1)
         fine[b + 2] = np.int64(f2)
@@ -760,6 +809,9 @@ class GradedEngine:
         self.table = vmap[lv].astype(np.uint16 if vmax < 2**16 else np.uint32)
         top_cells = np.bincount(vmap >> (FAN_BITS * depth), weights=counts, minlength=self.n_top)
         top_cells = np.rint(top_cells).astype(np.int64)
+        # depth 3 (more than 65,536 levels): trees bucket by bucket over regions (cache-sized trees)
+        self.regions = depth == 3
+        self.starts = np.r_[0, np.cumsum(top_cells)].astype(np.int64)
         # the bit-word sweep counts pairs in one top bucket as ties; the trees count them exactly
         self.correction = int((top_cells * (top_cells - 1) // 2).sum()) - self.y_ties
 
@@ -779,9 +831,14 @@ class GradedEngine:
                 _graded_bitword4(self.ci, self.cj, codes, self.table, self.n_codes, self.n_levels, full)
             else:
                 fine = np.zeros(b + pad, np.int64)
-                nodes = _aligned_zeros(max(4 * self.lane_nodes * FAN, FAN))
+                if self.regions:
+                    nodes = _aligned_zeros(4 * (1 + FAN + FAN * FAN) * FAN)
+                    region = np.empty(4 * self.m, np.uint16)
+                else:
+                    nodes = _aligned_zeros(max(4 * self.lane_nodes * FAN, FAN))
+                    region = np.empty(1, np.uint16)
                 _graded_tree4(self.ci, self.cj, codes, self.table, self.n_codes, self.n_top, self.depth,
-                              self.lane_nodes, nodes, full, fine)
+                              self.lane_nodes, nodes, full, fine, self.starts, region)
                 full += 2 * fine
             out[:] = full[:b]
             if self.tie_starts is not None:
