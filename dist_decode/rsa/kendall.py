@@ -22,7 +22,7 @@ Two engines (see ``docs/rsa.md``):
   same bit-word sweep (pairs in one bucket count as ties there), and the pairs inside a bucket are
   counted exactly per cell by a small tree of ``FAN``-ary uint16 prefix-count nodes (one vector update
   per cell and permutation up to 2,048 levels, two up to 65,536, three beyond): about 5 ns per cell at
-  N = 470 (fixture ages, 33,717 levels), 6-10 ns at N = 1,250. Data RDMs with a few tied cells (at
+  N = 470 (fixture ages, 33,717 levels), 6-12 ns at N = 1,250. Data RDMs with a few tied cells (at
   most one tied pair per cell) keep these kernels plus an exact correction over the tied pairs;
   more tied data use a flat prefix-array sweep (``K <= 64``) or a Fenwick tree.
 * :class:`CategoricalEngine`, ``[g_i != g_j]`` models. With ``s_p = 2 midrank(d_p) - (m + 1)``
