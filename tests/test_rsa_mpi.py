@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dist_decode.rsa import fwe
+from dist_decode.rsa.kendall import BITWORD_LEVELS, model_vector
 from dist_decode.rsa.permutation import block_rng, block_sizes, get_comm, perm_block, restrict, strata_segments
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,17 +72,19 @@ def _table(tmp_path: Path) -> list[str]:
     n = 50
     ids = [f"s{i}" for i in range(n)]
     age = rng.integers(20, 60, n).astype(float)
+    age_dec = np.round(age + rng.uniform(0, 1, n), 3)
+    assert np.unique(model_vector(age_dec, "continuous")).size > BITWORD_LEVELS  # the tree kernel's models
     x = rng.normal(size=(n, 6))
     x[:, 0] += age / 15
     with h5py.File(tmp_path / "F.h5", "w") as f:
         f.create_dataset("participant_id", data=np.array(ids, dtype=object), dtype=h5py.string_dtype())
         f["A"], f["B"] = x, rng.normal(size=(n, 3))
-    rows = ["participant_id\tage\tsex\tsite"] + [
-        f"{ids[i]}\t{age[i]}\t{'MF'[i % 3 == 0]}\tsite{i % 3}" for i in range(n)]
+    rows = ["participant_id\tage\tage_dec\tsex\tsite"] + [
+        f"{ids[i]}\t{age[i]}\t{age_dec[i]}\t{'MF'[i % 3 == 0]}\tsite{i % 3}" for i in range(n)]
     (tmp_path / "P.tsv").write_text("\n".join(rows) + "\n")
     return ["--features", str(tmp_path / "F.h5"), "--phenotypes", str(tmp_path / "P.tsv"),
-            "--variables", "age:continuous,sex:categorical", "--strata", "site", "--permutations", "700",
-            "--block-size", "100", "--seed", "77", "--no-progress"]
+            "--variables", "age:continuous,age_dec:continuous,sex:categorical", "--strata", "site",
+            "--permutations", "700", "--block-size", "100", "--seed", "77", "--no-progress"]
 
 
 def _env() -> dict[str, str]:
@@ -108,7 +111,7 @@ def test_mpiexec_two_ranks_match_plain_process(tmp_path: Path):
     assert json.loads((tmp_path / "two" / "rsa.json").read_text())["ranks"] == 2
     assert json.loads((tmp_path / "one" / "rsa.json").read_text())["ranks"] == 1
     a, b = np.load(tmp_path / "one" / "null.npz"), np.load(tmp_path / "two" / "null.npz")
-    assert a["null"].shape == (700, 4) and a["null"].tobytes() == b["null"].tobytes()
+    assert a["null"].shape == (700, 6) and a["null"].tobytes() == b["null"].tobytes()
     assert (tmp_path / "one" / "rsa.csv").read_bytes() == (tmp_path / "two" / "rsa.csv").read_bytes()
 
 
