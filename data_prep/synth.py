@@ -633,6 +633,22 @@ def _do_subject(index: int) -> int:
     return index
 
 
+def _worker_init() -> None:
+    """Pool worker: the default SIGTERM action (the CLI's handler, inherited through fork, raises SystemExit, which
+    can leave a worker blocked in the pool's queue lock and ``Pool.terminate`` waiting for it forever)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _remove_partial_files(out: Path, pids: set[str]) -> None:
+    """Remove the temporary files (``.NAME.tmp-PID...``, :func:`dist_decode.fsutil.atomic_path`) of these processes."""
+    for f in Path(out).rglob(".*.tmp-*"):
+        pid = f.name.split(".tmp-", 1)[1].split(".", 1)[0]
+        if pid in pids:
+            f.unlink(missing_ok=True)
+
+
 def synthesize(
     out: str | os.PathLike,
     preset: str = "tiny",
@@ -719,11 +735,18 @@ def synthesize(
                 _do_subject(i)
                 bar.update()
         else:
-            # fork: workers inherit the (large, read-only) effect fields without pickling them, and the CLI's
-            # SIGTERM handler, so a terminated worker removes its temporary file. Done: close/join, not terminate.
-            with mp.get_context("fork").Pool(n_jobs) as pool:
-                for _ in pool.imap_unordered(_do_subject, todo, chunksize=1):
-                    bar.update()
+            # fork: workers inherit the (large, read-only) effect fields without pickling them. Workers die at
+            # once on SIGTERM (no handler that could stall the pool's terminate in its queue lock); the partial
+            # files they leave are removed here. Done: close/join.
+            with mp.get_context("fork").Pool(n_jobs, initializer=_worker_init) as pool:
+                workers = {str(c.pid) for c in mp.active_children()}
+                try:
+                    for _ in pool.imap_unordered(_do_subject, todo, chunksize=1):
+                        bar.update()
+                except BaseException:
+                    pool.terminate()
+                    _remove_partial_files(out, workers)
+                    raise
                 pool.close()
                 pool.join()
     finally:
