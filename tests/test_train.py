@@ -337,3 +337,35 @@ def test_a_jit_build_lock_left_by_a_killed_process_is_cleared_but_a_live_builder
         waited = time.monotonic() - t0
     holder.wait()
     assert waited > 0.5, "entered while another process held the build lock"
+
+
+def test_a_damaged_checkpoint_is_detected_and_the_previous_one_resumes_to_the_same_model(tiny_store: Path,
+                                                                                         tmp_path: Path):
+    """A checkpoint cut short (full disk, copy cut short) fails its checksum; the fold resumes from the one before
+    and, resuming bitwise, ends with exactly the weights of the undamaged run."""
+    from dist_decode.data import Store
+    from dist_decode.train import checkpoint
+
+    cmd = [sys.executable, "-m", "dist_decode.train", "--store", str(tiny_store), "--run-dir", str(tmp_path),
+           "--fold", "0", "--steps", "6", "--set", "train.batch_size=4", "--set", "model.channels=[8,16,16]",
+           "--set", "model.hidden=32", "--set", "train.checkpoint_every=3", "--set", "train.feature_samples=2"]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    fold_dir = tmp_path / "folds" / Store.open(tiny_store).sites[0]
+    ckpts = fold_dir / "checkpoints"
+    assert checkpoint.latest_tag(ckpts) == "step000000006" and checkpoint.damage(ckpts / "step000000006") is None
+    before = torch.load(fold_dir / "model_final.pt", weights_only=False)["state_dict"]
+    # cut the newest checkpoint's largest file short, and make the fold run again
+    big = max((p for p in (ckpts / "step000000006").rglob("*") if p.is_file() and p.name != checkpoint.CHECKSUMS),
+              key=lambda p: p.stat().st_size)
+    big.write_bytes(big.read_bytes()[: big.stat().st_size // 2])
+    assert "bytes" in checkpoint.damage(ckpts / "step000000006")
+    assert checkpoint.intact_tag(ckpts) == "step000000003"
+    for name in ("DONE", "model_final.pt", "features.h5"):
+        (fold_dir / name).unlink()
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "is damaged" in res.stderr and "resumed from" in res.stderr and "step000000003" in res.stderr
+    after = torch.load(fold_dir / "model_final.pt", weights_only=False)["state_dict"]
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert checkpoint.damage(ckpts / checkpoint.latest_tag(ckpts)) is None

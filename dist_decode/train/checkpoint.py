@@ -8,10 +8,14 @@ Layout::
     FOLD/checkpoints/latest        the tag of the newest *complete* checkpoint
 
 ``latest`` is written by rank 0 only after every rank has finished writing (barrier) and is
-replaced atomically, so a job killed while saving resumes from the previous checkpoint.
+replaced atomically, so a job killed while saving resumes from the previous checkpoint. Before that, rank 0
+records the sha256 of every file of the checkpoint in ``step.../CHECKSUMS.json``: on resume a checkpoint whose files
+are missing, truncated or altered (a full disk, a bad block, a copy cut short) is detected and the newest intact
+older one is used instead (``train.keep_checkpoints`` >= 2 keeps one).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import shutil
@@ -22,9 +26,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dist_decode.fsutil import atomic_write_text
+from dist_decode.fsutil import atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
+
+#: Per-checkpoint file of the sha256 of every other file in it (written last, by rank 0).
+CHECKSUMS = "CHECKSUMS.json"
 
 
 def tag_of(step: int) -> str:
@@ -39,6 +46,63 @@ def latest_tag(ckpt_dir: Path) -> str | None:
         return None
     tag = f.read_text().strip()
     return tag if (Path(ckpt_dir) / tag).is_dir() else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(tag_dir: Path) -> list[Path]:
+    return sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+
+
+def write_checksums(tag_dir: Path) -> None:
+    """Record the sha256 and size of every file of a finished checkpoint."""
+    tag_dir = Path(tag_dir)
+    sums = {str(p.relative_to(tag_dir)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in _files(tag_dir)}
+    atomic_write_json(tag_dir / CHECKSUMS, sums)
+
+
+def damage(tag_dir: Path) -> str | None:
+    """Why the checkpoint in ``tag_dir`` cannot be trusted (a file missing, cut short or altered), else ``None``.
+
+    A checkpoint written before checksums were recorded has no ``CHECKSUMS.json`` and is trusted as it is.
+    """
+    tag_dir = Path(tag_dir)
+    if not tag_dir.is_dir():
+        return "missing"
+    sums = read_json(tag_dir / CHECKSUMS)
+    if sums is None:
+        return "unreadable CHECKSUMS.json" if (tag_dir / CHECKSUMS).exists() else None
+    for rel, want in sums.items():
+        f = tag_dir / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{rel} has {f.stat().st_size} bytes, {want['bytes']} were written"
+        if _sha256(f) != want["sha256"]:
+            return f"{rel} does not match its checksum"
+    return None
+
+
+def intact_tag(ckpt_dir: Path) -> str | None:
+    """The newest checkpoint that is intact: ``latest`` unless damaged, else the newest intact older one."""
+    ckpt_dir = Path(ckpt_dir)
+    newest = latest_tag(ckpt_dir)
+    if newest is None:
+        return None
+    tags = sorted((p.name for p in ckpt_dir.iterdir()
+                   if p.is_dir() and p.name.startswith("step") and p.name <= newest), reverse=True)
+    for tag in tags:
+        why = damage(ckpt_dir / tag)
+        if why is None:
+            return tag
+        log.warning("checkpoint %s is damaged (%s); trying the one before", ckpt_dir / tag, why)
+    raise RuntimeError(f"{ckpt_dir}: every checkpoint is damaged; remove the folder to train this fold from scratch")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -77,6 +141,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank: 
     torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
     dist.barrier()
     if rank == 0:
+        write_checksums(ckpt_dir / tag)
         atomic_write_text(ckpt_dir / "latest", tag + "\n")
         tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
         for old in tags[: max(0, len(tags) - max(1, keep))]:
@@ -87,8 +152,14 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank: 
 
 
 def load(engine, ckpt_dir: Path, rank: int) -> dict[str, Any] | None:
-    """Restore the ``latest`` checkpoint into ``engine`` (collective); its client state, or ``None``."""
-    tag = latest_tag(ckpt_dir)
+    """Restore the newest intact checkpoint into ``engine`` (collective); its client state, or ``None``.
+
+    Rank 0 checks the checksums and every rank loads the tag it chose.
+    """
+    choice = [intact_tag(ckpt_dir) if rank == 0 else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(choice, src=0)
+    tag = choice[0]
     if tag is None:
         return None
     path, client = engine.load_checkpoint(
