@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -92,9 +93,12 @@ def run_case(name: str, base_cfg, inputs, noise_var: float, device, cuda: bool, 
     spec = case_spec(name)
     cfg = override(base_cfg, [f'train.precision="{spec["precision"]}"', f"train.zero_stage={spec['zero_stage']}"])
     t_build = time.perf_counter()
+    before_mb = None
     if cuda:
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        before_mb = torch.cuda.memory_allocated(device) / 2 ** 20  # left over by earlier cases (inputs, leaks)
     parts = build_engine(cfg, inputs.grid, inputs.input_scale, inputs.mask, inputs.voxel_mm, 1, spec["precision"],
                          device)
     if spec["compile"]:
@@ -146,6 +150,7 @@ def run_case(name: str, base_cfg, inputs, noise_var: float, device, cuda: bool, 
     if cuda:
         out["gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
         out["gpu_peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2 ** 20
+        out["gpu_allocated_before_mb"] = before_mb
     del parts, stepper, batches
     gc.collect()
     if cuda:
@@ -254,8 +259,10 @@ def main(argv: list[str] | None = None) -> int:
             get_accelerator().set_device(0)
             torch.backends.cudnn.benchmark = True  # as the trainer
         t0 = time.perf_counter()
-        plan = plan_fold(store, 0, work / "run", cfg)
-        inputs = FoldInputs(plan, cfg, work / "run", device, cuda, progress=False)
+        run_dir = work / f"run_{store.name}"
+        shutil.rmtree(run_dir, ignore_errors=True)  # a run directory is bound to one store and config
+        plan = plan_fold(store, 0, run_dir, cfg)
+        inputs = FoldInputs(plan, cfg, run_dir, device, cuda, progress=False)
         noise_var = (inputs.noise_var(cfg.loss.noise_scale)
                      if cfg.loss.noise == "eigen" and loss_kind(cfg) == "decode_sz" else None)
         report["grid"] = list(inputs.grid)
