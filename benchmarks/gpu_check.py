@@ -151,7 +151,8 @@ def run_case(name: str, base_cfg, inputs, noise_var: float, device, cuda: bool, 
         out["gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
         out["gpu_peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2 ** 20
         out["gpu_allocated_before_mb"] = before_mb
-    del parts, stepper, batches
+    del parts, stepper
+    batches = None  # drop the loader (its workers) before the next case
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
