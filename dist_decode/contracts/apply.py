@@ -26,7 +26,7 @@ from typing import Any
 
 from dist_decode import provenance
 from dist_decode.contracts import store as store_contract
-from dist_decode.contracts.run import RunDir
+from dist_decode.contracts.run import RunDir, StageDir
 from dist_decode.fsutil import create_once, read_json
 
 #: Stage -> completion file, relative to the apply directory (``{site}``: the model's held-out site in the run).
@@ -47,34 +47,10 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-class ApplyDir:
+class ApplyDir(StageDir):
     """Paths and identity of an apply directory (nothing is read until asked)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-
-    def __repr__(self) -> str:
-        return f"ApplyDir({str(self.path)!r})"
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.path / "manifest.json"
-
-    def fold_dir(self, site: str) -> Path:
-        """Outputs of the run's fold model ``site`` (the site that model held out)."""
-        return self.path / "folds" / site
-
-    def completion(self, stage: str, site: str | None = None) -> Path:
-        """The completion file of ``stage`` (``model`` needs the site)."""
-        rel = COMPLETION[stage]
-        if "{site}" in rel:
-            if site is None:
-                raise ValueError(f"stage {stage!r} is per model: give the site")
-            rel = rel.format(site=site)
-        return self.path / rel
-
-    def done(self, stage: str, site: str | None = None) -> bool:
-        return self.completion(stage, site).is_file()
+    COMPLETION = COMPLETION
 
     def manifest(self) -> dict[str, Any]:
         """``manifest.json`` (FileNotFoundError naming the directory when it was never bound)."""

@@ -40,30 +40,31 @@ COMPLETION = {
 RESUME_FREE = {"log_every", "checkpoint_every", "keep_checkpoints", "val_every", "feature_samples"}
 
 
-class RunDir:
-    """Paths and identity of a run directory (nothing is read until asked)."""
+class StageDir:
+    """Paths shared by the directories whose stages leave completion files (a run, an apply output).
+
+    Subclasses set :attr:`COMPLETION` (stage -> file relative to the directory; ``{site}`` for per-fold stages).
+    """
+
+    COMPLETION: dict[str, str] = {}
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
 
     def __repr__(self) -> str:
-        return f"RunDir({str(self.path)!r})"
-
-    # .. paths ..
-    @property
-    def config_path(self) -> Path:
-        return self.path / "config.json"
+        return f"{type(self).__name__}({str(self.path)!r})"
 
     @property
     def manifest_path(self) -> Path:
         return self.path / "manifest.json"
 
     def fold_dir(self, site: str) -> Path:
+        """Outputs of fold ``site`` (of the fold model that held ``site`` out)."""
         return self.path / "folds" / site
 
     def completion(self, stage: str, site: str | None = None) -> Path:
-        """The completion file of ``stage`` (``fold`` needs the site)."""
-        rel = COMPLETION[stage]
+        """The completion file of ``stage`` (a per-fold stage needs the site)."""
+        rel = self.COMPLETION[stage]
         if "{site}" in rel:
             if site is None:
                 raise ValueError(f"stage {stage!r} is per fold: give the site")
@@ -72,6 +73,17 @@ class RunDir:
 
     def done(self, stage: str, site: str | None = None) -> bool:
         return self.completion(stage, site).is_file()
+
+
+class RunDir(StageDir):
+    """Paths and identity of a run directory (nothing is read until asked)."""
+
+    COMPLETION = COMPLETION
+
+    # .. paths ..
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
 
     # .. identity ..
     def manifest(self) -> dict[str, Any]:
