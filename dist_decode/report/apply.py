@@ -23,7 +23,7 @@ from dist_decode.analysis.apply import analyse_apply
 from dist_decode.contracts.apply import ApplyDir
 from dist_decode.fsutil import atomic_path, atomic_write_json, atomic_write_text, read_json
 from dist_decode.report import figures
-from dist_decode.report.build import CSS, _write_csv, environment, rsa_section
+from dist_decode.report.build import CSS, _write_csv, current_analysis, environment, rsa_section, up_to_date
 
 log = logging.getLogger("dist_decode.report")
 HERE = Path(__file__).resolve().parent
@@ -77,21 +77,11 @@ def build_apply_report(out_dir: str | Path, force: bool = False) -> Path:
     start = time.perf_counter()
     out = ApplyDir(out_dir)
     manifest = out.manifest()
-    stale = None
-    try:
-        analysis = analyse_apply(out.path)
-    except (FileNotFoundError, ValueError) as exc:  # e.g. copied without the stores
-        analysis = read_json(out.completion("analysis"))
-        if not isinstance(analysis, dict):
-            raise ValueError(f"{out.path}: the analysis cannot run ({exc}) and none was saved before") from exc
-        stale = f"analysis not updated ({exc}); the numbers are those of {out.completion('analysis')}"
-        log.warning("%s", stale)
+    analysis, stale = current_analysis(out, analyse_apply)
     rdir = out.path / "report"
     index = out.completion("report")
     key = _fingerprint(out, analysis)
-    old = read_json(rdir / "report.json")
-    if index.is_file() and old and old.get("inputs_fingerprint") == key and not force:
-        log.info("report up to date (%s)", index)
+    if not force and up_to_date(index, rdir / "report.json", key):
         return index
     cfg = read_json(Path(manifest["run"]) / "config.json") or {}
     data: dict[str, Any] = {

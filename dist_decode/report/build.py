@@ -172,6 +172,29 @@ def _fingerprint(run: RunDir, analysis: dict) -> str:
 
 
 # -- build ------------------------------------------------------------------------------------------------------
+
+def current_analysis(d: Any, analyse_fn: Any) -> tuple[dict[str, Any], str | None]:
+    """The analysis of ``d`` (a run or an apply directory), recomputed by ``analyse_fn``; when it cannot run (the
+    directory copied without its stores) the saved one, with a note saying so."""
+    try:
+        return analyse_fn(d.path), None
+    except (FileNotFoundError, ValueError) as exc:
+        analysis = read_json(d.completion("analysis"))
+        if not isinstance(analysis, dict):
+            raise ValueError(f"{d.path}: the analysis cannot run ({exc}) and none was saved before") from exc
+        stale = f"analysis not updated ({exc}); the numbers are those of {d.completion('analysis')}"
+        log.warning("%s", stale)
+        return analysis, stale
+
+
+def up_to_date(index: Path, report_json: Path, key: str) -> bool:
+    """The page exists and was rendered from inputs with this fingerprint."""
+    old = read_json(report_json)
+    if index.is_file() and old and old.get("inputs_fingerprint") == key:
+        log.info("report up to date (%s)", index)
+        return True
+    return False
+
 def build_report(run_dir: str | Path, force: bool = False) -> Path:
     """Build ``RUN/report/`` and return the path of ``index.html`` (skipped when nothing it shows changed).
 
@@ -183,21 +206,12 @@ def build_report(run_dir: str | Path, force: bool = False) -> Path:
     start = time.perf_counter()
     run = RunDir(run_dir)
     manifest = run.manifest()
-    stale = None
-    try:
-        analysis = analyse(run.path)  # up to date already when the launcher ran the analysis stage
-    except (FileNotFoundError, ValueError) as exc:  # e.g. the run copied without its store
-        analysis = read_json(run.completion("analysis"))
-        if not isinstance(analysis, dict):
-            raise ValueError(f"{run.path}: the analysis cannot run ({exc}) and none was saved before") from exc
-        stale = f"analysis not updated ({exc}); the numbers are those of {run.completion('analysis')}"
-        log.warning("%s", stale)
+    # up to date already when the launcher ran the analysis stage
+    analysis, stale = current_analysis(run, analyse)
     out = run.path / "report"
     index = run.completion("report")
     key = _fingerprint(run, analysis)
-    old = read_json(out / "report.json")
-    if index.is_file() and old and old.get("inputs_fingerprint") == key and not force:
-        log.info("report up to date (%s)", index)
+    if not force and up_to_date(index, out / "report.json", key):
         return index
     data: dict[str, Any] = {"run_dir": str(run.path.resolve()), "inputs_fingerprint": key,
                             "cohort": analysis["cohort"], "folds": analysis["folds"], "curves": analysis["curves"],
