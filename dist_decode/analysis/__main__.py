@@ -15,11 +15,12 @@ import logging
 import sys
 from pathlib import Path
 
+from dist_decode.analysis import saved_if_current
 from dist_decode.analysis.folds import cohort_summary, fold_rows
 from dist_decode.analysis.recovery import run_recovery
 from dist_decode.cli import setup_logging
 from dist_decode.contracts.run import RunDir
-from dist_decode.fsutil import atomic_write_json, read_json
+from dist_decode.fsutil import atomic_write_json
 
 log = logging.getLogger("dist_decode.analysis")
 SCHEMA = 1
@@ -48,9 +49,8 @@ def analyse(run_dir: str | Path, force: bool = False) -> dict:
     run.manifest()  # a started run (clear error otherwise)
     key = inputs_fingerprint(run)
     path = run.completion("analysis")
-    old = read_json(path)
-    if not force and isinstance(old, dict) and old.get("inputs") == key and old.get("schema") == SCHEMA:
-        log.info("analysis up to date (%s)", path)
+    old = None if force else saved_if_current(path, key, SCHEMA)
+    if old is not None:
         return old
     cfg = run.config()
     store = run.store()

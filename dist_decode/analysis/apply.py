@@ -27,6 +27,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from dist_decode.analysis import saved_if_current
 from dist_decode.analysis.folds import cohort_summary
 from dist_decode.analysis.recovery import cv_auc, transfer_auc
 from dist_decode.contracts import features as features_contract
@@ -151,9 +152,8 @@ def analyse_apply(out_dir: str | Path, force: bool = False) -> dict:
     models = list(manifest["models"])
     key = inputs_fingerprint(out, models)
     path = out.completion("analysis")
-    old = read_json(path)
-    if not force and isinstance(old, dict) and old.get("inputs") == key and old.get("schema") == SCHEMA:
-        log.info("analysis up to date (%s)", path)
+    old = None if force else saved_if_current(path, key, SCHEMA)
+    if old is not None:
         return old
     run = out.run()
     cfg = run.config()
