@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 #: cohort -> (synth preset, seed)
 COHORTS = {"demo": ("demo", 0), "density": ("density", 1), "sites": ("sites", 2), "small": ("small", 3),
-           "two-factor": ("two-factor", 4)}
+           "two-factor": ("two-factor", 4), "weak": ("weak", 5), "unbalanced": ("unbalanced", 6)}
 
 #: variant -> (what it changes, training --set overrides, maps --set overrides); None = maps-only variant.
 VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
@@ -40,6 +40,8 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
     "no smoothing": ("data.smooth_fwhm_mm 0", ["data.smooth_fwhm_mm=0"], []),
     "no site normalisation": ("data.site_gain, site_center off", ["data.site_gain=false", "data.site_center=false"],
                               []),
+    "encoders at the data grid": ("model.encoder_voxel_mm 0 (the encoders see the data grid, not 6 mm)",
+                                  ["model.encoder_voxel_mm=0"], []),
     "nonlinear encoders": ("model.encoder nonlinear (GroupNorm + SiLU)", ['model.encoder="nonlinear"'], []),
     "fixed noise": ("loss.noise fixed (summed squared error, the old recon term)", ['loss.noise="fixed"'], []),
     "no control-S penalty": ("loss.control_s_weight 0", ["loss.control_s_weight=0"], []),
@@ -52,8 +54,8 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
                                       ['maps.extent="significant"']),
     "maps: FDR": ("maps.threshold fdr (q 0.05) instead of FWE", None, ['maps.threshold="fdr"']),
     "maps: SyN Jacobian": ("maps.kind jacobian (SyN twin -> recon / observed)", None, ['maps.kind="jacobian"']),
-    "maps: variance smoothing 8 mm": ("maps.variance_smoothing_mm 8 (SnPM pseudo-t)", None,
-                                      ["maps.variance_smoothing_mm=8"]),
+    "maps: plain t": ("maps.variance_smoothing_mm 0 (a plain t instead of the SnPM pseudo-t)", None,
+                      ["maps.variance_smoothing_mm=0"]),
     "noise scale 1": ("loss.noise_scale 1 (the median eigenvalue itself)", ["loss.noise_scale=1"], []),
     "plain VAE": ("model.name vae: one encoder, same blocks and size (its one space is shown as C and as S)",
                   ['model.name="vae"', 'loss.match_c="none"', "loss.control_s_weight=0"], []),
@@ -104,20 +106,41 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()
 
 
-def run_variant(work: Path, cohort: str, variant: str, store: Path, folds: str = "all") -> dict:
+def remap_config(run: Path, maps_sets: list[str]) -> None:
+    """Give an existing run the current default maps settings (plus ``maps_sets``) and remove its maps, analysis
+    and report, so that only those stages run again on its trained folds."""
+    sets = ", ".join(repr(s) for s in maps_sets)
+    sh([sys.executable, "-c", "from dist_decode.config import RunConfig, profile_config; "
+        f"d = RunConfig.from_json({str(run / 'config.json')!r}).to_dict(); "
+        f"d['maps'] = profile_config('cpu', [{sets}]).to_dict()['maps']; "
+        f"RunConfig.from_dict(d).to_json({str(run / 'config.json')!r})"], run.parent / f"{run.name}-remap.log")
+    for name in ("maps", "analysis", "report"):
+        if (run / name).exists():
+            shutil.rmtree(run / name)
+
+
+def run_variant(work: Path, cohort: str, variant: str, store: Path, folds: str = "all", remap: bool = False) -> dict:
     """Run one (cohort, variant) and return its recovery metrics.
 
     Everything runs in subprocesses (the pipeline's own CLIs, ``python -m dist_decode.analysis`` for the
-    metrics), so this long-running benchmark reads every run with the code that wrote it.
+    metrics), so this long-running benchmark reads every run with the code that wrote it. ``remap``: a training
+    variant whose run exists keeps its trained folds and RSA, and its maps stage runs again with the current
+    default maps settings (the training is deterministic, so this is what a fresh run would give).
     """
     _, train_sets, maps_sets = VARIANTS[variant]
     py = sys.executable
     tag = slug(variant) if folds == "all" else f"{slug(variant)}--folds-{slug(folds)}"
     log = work / "logs" / f"{cohort}-{tag}.log"
     t0 = time.time()
-    if train_sets is None:  # a maps variant: the full run's folds, the maps stage again with other settings
+    if remap and train_sets is not None:
+        run = work / "runs" / cohort / tag
+        if not (run / "config.json").is_file():
+            raise RuntimeError(f"--remap: {cohort} / {variant} (folds {folds}) has no run to re-map")
+        remap_config(run, maps_sets)
+        sh([py, "-m", "dist_decode.maps", "--run-dir", str(run), "--no-progress"], log)
+    elif train_sets is None:  # a maps variant: the full run's folds, the maps stage again with other settings
         base = work / "runs" / cohort / ("full" if folds == "all" else f"full--folds-{slug(folds)}")
-        if not (base / "report" / "index.html").is_file():
+        if not (base / "maps" / "overlap.nii.gz").is_file():
             raise RuntimeError(f"maps variant {variant!r} needs the full run of {cohort} (folds {folds}) first")
         run = work / "runs" / cohort / tag
         if run.exists():
@@ -138,6 +161,8 @@ def run_variant(work: Path, cohort: str, variant: str, store: Path, folds: str =
             "--folds", folds, "--cluster", "local", "--max-parallel", str(os.cpu_count() or 1)], log)
     wall = time.time() - t0
     sh([py, "-m", "dist_decode.analysis", "--run-dir", str(run)], log)
+    if remap and train_sets is not None:
+        sh([py, "-m", "dist_decode.report", "--run-dir", str(run)], log)
     rec = json.loads((run / "analysis" / "analysis.json").read_text())["recovery"]
     if rec["status"] != "ok":
         raise RuntimeError(f"{run}: recovery {rec['status']}: {rec.get('reason')}")
@@ -188,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="LOSO folds of every run (launch.submit --folds; default all). Ablations on a few folds "
                          "compare with the full method on the same folds, never with an all-fold row")
     ap.add_argument("--table-only", action="store_true", help="print the table of WORKDIR/science.json and stop")
+    ap.add_argument("--remap", action="store_true",
+                    help="re-run only the maps stage of existing training runs with the current maps defaults "
+                         "(after a change to them); their rows are replaced")
     args = ap.parse_args(argv)
     work = args.workdir.absolute()
     out = work / "science.json"
@@ -203,16 +231,17 @@ def main(argv: list[str] | None = None) -> int:
     for cohort in cohorts:
         store = prepare(work, cohort)
         for variant in variants:
-            if any(r["cohort"] == cohort and r["variant"] == variant and r.get("folds", "all") == args.folds
-                   for r in results):
+            same = [r for r in results if r["cohort"] == cohort and r["variant"] == variant
+                    and r.get("folds", "all") == args.folds]
+            if same and not (args.remap and VARIANTS[variant][1] is not None):
                 continue
-            print(f"== {cohort} / {variant} (folds {args.folds})", flush=True)
+            print(f"== {cohort} / {variant} (folds {args.folds}){' remap' if args.remap else ''}", flush=True)
             try:
-                r = run_variant(work, cohort, variant, store, args.folds)
+                r = run_variant(work, cohort, variant, store, args.folds, remap=args.remap)
             except RuntimeError as exc:
                 print(f"   failed: {exc}", flush=True)
                 continue
-            results.append(r)
+            results = [x for x in results if not any(x is y for y in same)] + [r]
             out.write_text(json.dumps(results, indent=1))
             m = r["metrics"]
             print("   " + ", ".join(f"{k} {v:.3f}" for k, v in m.items() if v is not None and math.isfinite(v))

@@ -169,6 +169,20 @@ PRESETS: dict[str, Preset] = {
         specific_regions="random", n_specific_regions=6, specific_sigma_scale=1.3, n_specific=2,
         specific_log_j=-0.2,
     ),
+    # Held-out checks, added after the maps' variance smoothing was chosen on "small" and run once each:
+    # weak, narrow density losses at five random places (half the density cohort's depth), moderate sites, 3 mm.
+    "weak": Preset(
+        [30, 28, 27, 25, 24, 22, 21, 20], [15, 14, 14, 12, 12, 11, 11, 10], 3.0, specific_kind="density",
+        specific_regions="random", n_specific_regions=5, specific_sigma_scale=0.8, specific_log_j=-0.12,
+        site_gain_sd=0.1, site_fwhm_max_mm=8.0, site_noise_max=0.04,
+    ),
+    # Unequal sites (14-45 subjects, 6-30 patients) with noisy scanners; broad shape effects at three random
+    # places, 3 mm.
+    "unbalanced": Preset(
+        [45, 16, 38, 20, 30, 14, 26, 18], [30, 6, 12, 14, 10, 7, 20, 6], 3.0, specific_regions="random",
+        n_specific_regions=3, specific_sigma_scale=1.2, site_gain_sd=0.1, site_noise_max=0.05,
+        site_bias_max=0.1,
+    ),
 }
 
 SPECIFIC_KINDS = ("shape", "density")
@@ -181,8 +195,8 @@ def resolve_preset(preset: str, voxel_mm: float | None = None, **overrides: Any)
     Parameters
     ----------
     preset : str
-        A key of :data:`PRESETS`: "tiny", "demo", "paper", or a planted variant "density", "small", "sites",
-        "two-factor".
+        A key of :data:`PRESETS`: "tiny", "demo", "paper", or a planted variant "density", "small", "sites", "weak",
+        "unbalanced", "two-factor".
     voxel_mm : float or None
         Overrides the preset's grid.
     **overrides
@@ -665,8 +679,8 @@ def synthesize(
     out : path
         Cohort folder (created). Re-running with the same settings resumes; other settings raise.
     preset : str
-        A key of :data:`PRESETS`: "tiny", "demo", "paper", or a planted variant "density", "small", "sites",
-        "two-factor".
+        A key of :data:`PRESETS`: "tiny", "demo", "paper", or a planted variant "density", "small", "sites", "weak",
+        "unbalanced", "two-factor".
         Cohort size and grid.
     seed : int
         Root seed of every random draw.

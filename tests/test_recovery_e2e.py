@@ -44,14 +44,17 @@ def test_small_planted_cohort_is_recovered(tmp_path):
     assert value["C~common"] > 0.45  # C by their planted common factors
     assert abs(value["S~common"]) < 0.25 and abs(value["C~specific"]) < 0.25  # little cross-talk
     assert value["C diagnosis AUC"] < 0.8  # diagnosis kept out of C
-    # the decoded specific maps follow the planted effect (12 patients per site at 6 mm leave the voxelwise FWE
-    # test little power: what it flags, if anything, is loss; a stray voxel of gain is the most a CPU's different
-    # rounding has shown, a gain blob of more than 10 voxels is a regression)
+    # the decoded specific maps follow the planted effect, and the sites' FWE maps (pseudo-t, 12 patients each)
+    # find it: 0.77 here when written, 0.73-0.85 on the 8-site planted cohorts of docs/science.md
     assert rec["maps"]["corr_mean_effect_vs_planted"] > 0.5
+    assert value["maps Dice"] > 0.4 and value["maps flagged / planted"] < 3
+    # what the sites flag is mostly loss: the planted effect is a contraction, and in a modulated map the tissue
+    # it moves raises the density in a thin ring around it (15 % of the kept voxels when written); a gain blob
+    # as large as the loss would be a regression
     kept = [json.loads((run / "maps" / "sites" / site / "group.json").read_text())
             for site in json.loads((run / "maps" / "maps.json").read_text())["sites"]]
     n_pos, n_kept = sum(g["n_kept_positive"] for g in kept), sum(g["n_kept"] for g in kept)
-    assert n_pos <= max(10, 0.1 * n_kept), (n_pos, n_kept)
+    assert n_pos <= max(10, 0.3 * n_kept), (n_pos, n_kept)
     # the report shows the same numbers beside their goals
     report = json.loads((run / "report" / "report.json").read_text())
     assert {g["metric"]: g["value"] for g in report["recovery"]["goals"]} == value
