@@ -105,6 +105,29 @@ def test_resume_partial_folds_and_shards(tmp_path, store_path):
         run_maps(run, cfg=_cfg(syn_iterations=(10, 0)), load_model=loader, progress=False)
 
 
+def test_two_shards_then_the_group_step_equal_the_unsplit_run(tmp_path, store_path):
+    """Registrations split over 2 shards (as 2 SLURM array tasks or srun tasks run them), then one combining
+    step: every subject map, site map and the overlap are bit-identical to one unsplit run."""
+    store = Store.open(store_path)
+    sites = list(store.sites)[:1]  # 5 patients: shards of 3 and 2
+    cfg = _cfg(threshold="fwe", permutations=200)
+    whole = make_run(tmp_path / "whole", store_path, sites=sites, cfg=cfg)
+    split = make_run(tmp_path / "split", store_path, sites=sites, cfg=cfg)
+    loader = planted_loader(store_path)
+    run_maps(whole, load_model=loader, progress=False)
+    for k in range(2):
+        run_maps(split, shard=(k, 2), stage="jacobians", load_model=loader, progress=False)
+    run_maps(split, stage="group", load_model=loader, progress=False)
+    files = sorted(p.relative_to(whole / "maps") for p in (whole / "maps").rglob("*.nii.gz"))
+    assert len(files) > 5 and files == sorted(p.relative_to(split / "maps") for p in (split / "maps").rglob("*.nii.gz"))
+    for rel in files:
+        a = np.asarray(nib.load(str(whole / "maps" / rel)).dataobj)
+        b = np.asarray(nib.load(str(split / "maps" / rel)).dataobj)
+        np.testing.assert_array_equal(a, b, err_msg=str(rel))
+    for name in ("clusters.csv", "dice.csv"):
+        assert (whole / "maps" / name).read_text() == (split / "maps" / name).read_text()
+
+
 def test_samples_fwe_and_determinism(tmp_path, store_path):
     store = Store.open(store_path)
     site = store.sites[0]
