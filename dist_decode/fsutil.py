@@ -34,9 +34,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 #: errno values that mean "no room for this write": no space, quota exceeded, file size limit (``RLIMIT_FSIZE``).
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-#: What C libraries that drop the errno put in their message instead (HDF5 keeps it in the text, torch's zip writer
-#: only says "file write failed" / "unexpected pos": see :func:`is_disk_full`).
-_DISK_FULL_TEXT = tuple(os.strerror(e) for e in sorted(DISK_FULL_ERRNOS))
 #: Below this many free bytes a failed write is taken to be a full disk (a failed write fills the disk to the block).
 FULL_BELOW_BYTES = 1 << 20
 
@@ -64,26 +61,39 @@ def free_bytes(path: str | os.PathLike) -> int | None:
     return st.f_frsize * (st.f_bfree if os.geteuid() == 0 else st.f_bavail)
 
 
+def _full_errno(exc: BaseException) -> int | None:
+    """ENOSPC, EDQUOT or EFBIG when ``exc`` or an exception it was raised from carries it (errno or text)."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            return e.errno
+        for code in DISK_FULL_ERRNOS:  # HDF5 keeps the errno only in its message
+            if os.strerror(code) in str(e):
+                return code
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def is_disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> bool:
     """Whether ``exc`` (or an exception it was raised from) is a write refused for lack of space.
 
     An ``OSError`` with errno ENOSPC/EDQUOT/EFBIG, or that errno's text in the message (HDF5 errors); failing that,
     when ``path`` is given, any write error with less than :data:`FULL_BELOW_BYTES` left on its filesystem (torch's
-    zip writer reports a full disk only as ``RuntimeError: ... unexpected pos ...``).
+    zip writer given a path reports a full disk only as ``RuntimeError: ... unexpected pos ...``).
     """
-    seen = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, DiskFull) or (isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS):
-            return True
-        if any(text in str(e) for text in _DISK_FULL_TEXT):
-            return True
-        e = e.__cause__ or e.__context__
+    if isinstance(exc, DiskFull) or _full_errno(exc) is not None:
+        return True
     if path is not None and isinstance(exc, (OSError, RuntimeError)):
         free = free_bytes(path)
         return free is not None and free < FULL_BELOW_BYTES
     return False
+
+
+#: What to do about each kind of full.
+_ADVICE = {errno.ENOSPC: "free space on that filesystem", errno.EDQUOT: "raise the quota or free space in it",
+           errno.EFBIG: "raise the file size limit (ulimit -f)"}
 
 
 @contextlib.contextmanager
@@ -92,8 +102,11 @@ def disk_full_errors(path: str | os.PathLike, what: str) -> Iterator[None]:
 
     Other errors pass unchanged. The message names the path and says what to do::
 
-        error: disk full: could not write the checkpoint /scratch/run/folds/A/checkpoints/step000000200
-        (No space left on device; 0.0 MB free on that filesystem) ...
+        disk full: could not write the checkpoint /scratch/run/folds/A/checkpoints/step000000200 (No space left
+        on device; 0.0 MB free on that filesystem); nothing half-written was kept: free space on that filesystem
+        and run again
+
+    The caller guarantees the "nothing half-written" part (temporary names, removing what it started).
     """
     try:
         yield
@@ -102,12 +115,11 @@ def disk_full_errors(path: str | os.PathLike, what: str) -> Iterator[None]:
     except Exception as exc:
         if not is_disk_full(exc, path):
             raise
+        code = _full_errno(exc) or errno.ENOSPC
         free = free_bytes(path)
         room = f"; {free / 2 ** 20:.1f} MB free on that filesystem" if free is not None else ""
-        code = next((getattr(e, "errno", None) for e in (exc, exc.__cause__, exc.__context__)
-                     if getattr(e, "errno", None) in DISK_FULL_ERRNOS), errno.ENOSPC)
         raise DiskFull(code, f"disk full: could not write {what} {path} ({os.strerror(code)}{room}); nothing "
-                             f"half-written was kept: free space (or raise the quota) and run again") from exc
+                             f"half-written was kept: {_ADVICE[code]} and run again") from exc
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

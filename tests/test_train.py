@@ -382,10 +382,15 @@ def test_a_damaged_checkpoint_is_detected_and_the_previous_one_resumes_to_the_sa
     assert checkpoint.intact_tag(ckpts) == "step000000003"
     for name in ("DONE", "model_final.pt", "features.h5"):
         (fold_dir / name).unlink()
+    # and a save cut short by a killed rank: newer than `latest`, never loaded, removed on resume
+    (ckpts / "step000000009").mkdir()
+    (ckpts / "step000000009" / "mp_rank_00_model_states.pt").write_bytes(b"cut short")
     res = subprocess.run(_six(tiny_store, run_dir), env=_env(), capture_output=True, text=True, timeout=240,
                          cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "is damaged" in res.stderr and "resumed from" in res.stderr and "step000000003" in res.stderr
+    assert f"removing the unfinished checkpoint {ckpts / 'step000000009'}" in res.stderr
+    assert not (ckpts / "step000000009").exists()
     after = _final_weights(fold_dir)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert checkpoint.damage(ckpts / checkpoint.latest_tag(ckpts)) is None
@@ -437,3 +442,32 @@ def test_a_full_disk_while_checkpointing_fails_clearly_and_the_previous_checkpoi
     assert "resumed from" in again and "at step 3" in again
     before, after = _final_weights(ref_fold), _final_weights(out / "run" / "folds" / site)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_file_size_limit_while_checkpointing_is_reported_like_a_full_disk(tmp_path: Path):
+    """EFBIG (``RLIMIT_FSIZE``; EDQUOT, a quota, takes the same path) from DeepSpeed's own torch checkpoint engine
+    becomes the same clear error as ENOSPC, with plenty of free space left (so not by the free-space fallback):
+    the engine's saves go through Python files, which keep the errno that torch's C++ writer drops."""
+    import resource
+
+    code = f"""
+import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from dist_decode.fsutil import DiskFull, disk_full_errors
+from dist_decode.train.checkpoint import _save_through_python_files
+
+class Engine:
+    checkpoint_engine = TorchCheckpointEngine()
+
+_save_through_python_files(Engine)
+try:
+    with disk_full_errors({str(tmp_path / 'step1')!r}, "the checkpoint"):
+        Engine.checkpoint_engine.save({{"w": torch.zeros(100_000)}}, {str(tmp_path / 'model.pt')!r})
+except DiskFull as exc:
+    print("errno", exc.errno, "|", exc)
+"""
+    res = subprocess.run([sys.executable, "-c", code], env=_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                         timeout=120, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"errno 27 | disk full: could not write the checkpoint {tmp_path / 'step1'} (File too large;" in res.stdout, \
+        res.stdout + res.stderr[-2000:]

@@ -141,11 +141,13 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank: 
     """
     ckpt_dir = Path(ckpt_dir)
     tag = tag_of(step)
+    _save_through_python_files(engine)
     try:
         with disk_full_errors(ckpt_dir / tag, "the checkpoint"):
             engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(client_state, step=step),
                                    save_latest=False)
-            torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+            with open(ckpt_dir / tag / f"rng_rank{rank}.pt", "wb") as fh:
+                torch.save(_rng_state(), fh)
     except DiskFull:
         discard_unfinished(ckpt_dir, tag)  # the other ranks fail with it (srun --kill-on-bad-exit, lost peer)
         raise
@@ -164,6 +166,25 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank: 
                 shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     dist.barrier()
     return tag
+
+
+def _save_through_python_files(engine) -> None:
+    """Make DeepSpeed's torch checkpoint engine hand ``torch.save`` a Python file instead of a path.
+
+    Given a path, torch's C++ zip writer reports a full disk, an exceeded quota or file size limit only as
+    ``unexpected pos N vs M``; through a Python file the ``OSError`` (ENOSPC, EDQUOT, EFBIG) stays the cause, and
+    :func:`dist_decode.fsutil.is_disk_full` can tell a full disk from a bug. Other engines are left alone.
+    """
+    ce = getattr(engine, "checkpoint_engine", None)
+    if type(ce).__name__ != "TorchCheckpointEngine" or getattr(ce, "_dist_decode_files", False):
+        return
+
+    def save(state_dict, path: str) -> None:
+        with open(path, "wb") as fh:
+            torch.save(state_dict, fh, _use_new_zipfile_serialization=ce.zipfile_serialization)
+
+    ce.save = save
+    ce._dist_decode_files = True
 
 
 def discard_unfinished(ckpt_dir: Path, tag: str | None = None) -> list[str]:
