@@ -15,6 +15,9 @@ Scans are found in any CAT12 layout and one is chosen per subject (:mod:`data_pr
 other grids are resampled onto the store grid (:mod:`data_prep.grids`); an ``--out`` holding another cohort is
 refused (:mod:`data_prep.guard`). Every file is written under a temporary name and renamed; a shard whose
 inputs and options are unchanged is kept on re-run, so an interrupted run resumes. The manifest is written last.
+A full disk stops the run with :class:`dist_decode.fsutil.DiskFull` naming the file: its temporary file is removed,
+finished shards are kept, and no manifest is written, so the store is never taken for complete and a re-run with
+enough space resumes.
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ from nibabel.affines import voxel_sizes
 from data_prep import discover, grids, guard, ingest
 from dist_decode import provenance
 from dist_decode.contracts.store import SCHEMA_VERSION
-from dist_decode.fsutil import atomic_path, atomic_write_json, read_json
+from dist_decode.fsutil import (DiskFull, atomic_path, atomic_write_json, disk_full_errors, is_disk_full,
+                                read_json)
 
 log = logging.getLogger("data_prep.pack")
 
@@ -414,8 +418,10 @@ def _write_shard(p: Plan, shard: dict[str, Any], opts: PackOptions, path: Path, 
     checksums: list[str] = []
     vsum = np.zeros(X, np.float64)
     f16_err = 0.0
+    # No chunk cache (rdcc_nbytes=0): each volume is one chunk written once, so the cache saves nothing, and after a
+    # write that failed (a full disk) HDF5 2.0 segfaults when it retries a cached dirty chunk at close or exit.
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as h5:
+        with h5py.File(tmp, "w", rdcc_nbytes=0) as h5:
             vols = h5.create_dataset(
                 "volumes", shape=(0, *X), maxshape=(None, *X), chunks=(1, *X), dtype=dtype, **_compression(opts)
             )
@@ -561,7 +567,8 @@ def pack(
                 if pool is None and n_jobs > 1 and total > 1:
                     pool = mp.get_context("fork").Pool(n_jobs, _start_worker, (p.grid, opts.resample))
                 _init_worker(p.grid, opts.resample)
-                rec = _write_shard(p, shard, opts, path, pool, bar)
+                with disk_full_errors(path, "the shard"):
+                    rec = _write_shard(p, shard, opts, path, pool, bar)
             records.append({**shard, **rec})
         if pool is not None:  # all work done: let the workers exit on their own
             pool.close()
@@ -616,7 +623,7 @@ def pack(
     if not mask.any():
         raise ValueError(f"the store mask is empty: no voxel's mean exceeds mask_threshold={opts.mask_threshold}")
     mask_img = nib.Nifti1Image(mask, p.affine)
-    with atomic_path(out / "mask.nii.gz") as tmp:
+    with disk_full_errors(out / "mask.nii.gz", "the store mask"), atomic_path(out / "mask.nii.gz") as tmp:
         nib.save(mask_img, tmp)
 
     gt = Path(ground_truth).resolve() if ground_truth is not None else root / "ground_truth"
@@ -664,7 +671,8 @@ def pack(
         manifest["created"] = old["created"]  # nothing changed: keep the file (and its hash) as it is
         log.info("store %s is up to date", out)
     else:
-        atomic_write_json(out / "manifest.json", manifest)
+        with disk_full_errors(out / "manifest.json", "the store manifest"):
+            atomic_write_json(out / "manifest.json", manifest)
     guard.done(out)
     listed = {out / s["file"] for s in shards_out}
     for stale in sorted((out / "shards").glob("*.h5")):
@@ -860,6 +868,8 @@ def main(argv: list[str] | None = None) -> int:
             site_order=args.site_order.split(",") if args.site_order else None, strict=args.strict, n_jobs=args.jobs,
         )
     except (ValueError, FileNotFoundError, OSError) as exc:
+        if is_disk_full(exc) and not isinstance(exc, DiskFull):  # a write the messages above do not name
+            exc = f"disk full while writing the store {args.out}: {exc}"
         log.error("%s", exc)
         return 2
     return 0

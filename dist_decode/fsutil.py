@@ -1,7 +1,12 @@
-"""Atomic file output: every result is written under a temporary name and renamed into place."""
+"""Atomic file output: every result is written under a temporary name and renamed into place.
+
+A write that fails because the disk is full surfaces as :class:`DiskFull`, naming the path (see
+:func:`disk_full_errors`); the temporary file of an atomic write is removed either way.
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from pathlib import Path
@@ -25,6 +30,96 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+#: errno values that mean "no room for this write": no space, quota exceeded, file size limit (``RLIMIT_FSIZE``).
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+#: Below this many free bytes a failed write is taken to be a full disk (a failed write fills the disk to the block).
+FULL_BELOW_BYTES = 1 << 20
+
+
+class DiskFull(OSError):
+    """A write failed because its filesystem is full (or a quota or file size limit was reached).
+
+    ``errno`` is ENOSPC, EDQUOT or EFBIG; ``str()`` is the message alone (no ``[Errno N]`` prefix).
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes this process may still write on the filesystem of ``path`` (its nearest existing parent), or None."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    # root may also use the blocks reserved for it, so it hits ENOSPC only when none is free at all
+    return st.f_frsize * (st.f_bfree if os.geteuid() == 0 else st.f_bavail)
+
+
+def _full_errno(exc: BaseException) -> int | None:
+    """ENOSPC, EDQUOT or EFBIG when ``exc`` or an exception it was raised from carries it (errno or text)."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            return e.errno
+        for code in DISK_FULL_ERRNOS:  # HDF5 keeps the errno only in its message
+            if os.strerror(code) in str(e):
+                return code
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def is_disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a write refused for lack of space.
+
+    An ``OSError`` with errno ENOSPC/EDQUOT/EFBIG, or that errno's text in the message (HDF5 errors); failing that,
+    when ``path`` is given, any write error with less than :data:`FULL_BELOW_BYTES` left on its filesystem (torch's
+    zip writer given a path reports a full disk only as ``RuntimeError: ... unexpected pos ...``).
+    """
+    if isinstance(exc, DiskFull) or _full_errno(exc) is not None:
+        return True
+    if path is not None and isinstance(exc, (OSError, RuntimeError)):
+        free = free_bytes(path)
+        return free is not None and free < FULL_BELOW_BYTES
+    return False
+
+
+#: What to do about each kind of full.
+_ADVICE = {errno.ENOSPC: "free space on that filesystem", errno.EDQUOT: "raise the quota or free space in it",
+           errno.EFBIG: "raise the file size limit (ulimit -f)"}
+
+
+@contextlib.contextmanager
+def disk_full_errors(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Turn a failed write of ``what`` under ``path`` into :class:`DiskFull` when the disk is full.
+
+    Other errors pass unchanged. The message names the path and says what to do::
+
+        disk full: could not write the checkpoint /scratch/run/folds/A/checkpoints/step000000200 (No space left
+        on device; 0.0 MB free on that filesystem); nothing half-written was kept: free space on that filesystem
+        and run again
+
+    The caller guarantees the "nothing half-written" part (temporary names, removing what it started).
+    """
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as exc:
+        if not is_disk_full(exc, path):
+            raise
+        code = _full_errno(exc) or errno.ENOSPC
+        free = free_bytes(path)
+        room = f"; {free / 2 ** 20:.1f} MB free on that filesystem" if free is not None else ""
+        raise DiskFull(code, f"disk full: could not write {what} {path} ({os.strerror(code)}{room}); nothing "
+                             f"half-written was kept: {_ADVICE[code]} and run again") from exc
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -40,7 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dist_decode.contracts.store import manifest_sha256
-from dist_decode.fsutil import atomic_path
+from dist_decode.fsutil import atomic_path, disk_full_errors
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +266,9 @@ class Normaliser:
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (HDF5: arrays as datasets, the rest as attributes)."""
         path = Path(path)
-        with atomic_path(path) as tmp:
-            with h5py.File(tmp, "w") as f:
+        # no chunk cache: after a failed write (a full disk) HDF5 2.0 segfaults retrying a cached chunk at close
+        with disk_full_errors(path, "the normalisation statistics"), atomic_path(path) as tmp:
+            with h5py.File(tmp, "w", rdcc_nbytes=0) as f:
                 f.attrs["schema"] = SCHEMA
                 f.attrs["settings"] = json.dumps(self.settings.to_dict(), sort_keys=True)
                 f.attrs["sites"] = json.dumps(self.sites)

@@ -142,3 +142,29 @@ def test_another_store_in_a_runs_units_is_normalised_like_its_held_out_sites(tin
     np.testing.assert_allclose(again.factor, norm.factor, rtol=1e-5)
     np.testing.assert_allclose(again.site_mean, norm.site_mean, rtol=1e-4, atol=1e-6)
     assert (again.reference, again.scale) == (norm.reference, norm.scale)
+
+
+def test_a_full_disk_while_saving_fails_clearly_without_a_crash(tiny_store, tmp_path):
+    """A real ENOSPC (a private tmpfs, tests/small_fs.py) while the statistics are written: DiskFull naming the
+    file, no temporary file left, and a clean exit (HDF5 2.0 segfaulted at exit when its chunk cache held the
+    chunk whose write failed)."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from small_fs import run_on_small_fs
+
+    src = Normaliser.compute(Store.open(tiny_store), NormaliseSettings(), progress=False).save(tmp_path / "n.h5")
+    code = (f"from dist_decode.normalise import Normaliser\nfrom dist_decode.fsutil import DiskFull\n"
+            f"try:\n    Normaliser.load({str(src)!r}).save('{tmp_path / 'fs'}/n.h5')\n"
+            f"except DiskFull as exc:\n    print(exc)\n")
+    res = run_on_small_fs(tmp_path / "fs", f"""
+        leave {src.stat().st_size // 2}
+        {sys.executable} -c "{code}"; echo "rc=$?"
+        ls -A $FS | grep -v '^.filler$' || true
+    """, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.split("\n")
+    assert lines[0].startswith(f"disk full: could not write the normalisation statistics {tmp_path / 'fs'}/n.h5 "
+                               "(No space left on device"), res.stdout + res.stderr[-2000:]
+    assert lines[1:] == ["rc=0", ""], res.stdout + res.stderr[-2000:]  # and nothing left in $FS

@@ -485,3 +485,41 @@ def test_bad_options(cohort, tmp_path):
         _pack(cohort, tmp_path / "s", codec="zip")
     with pytest.raises(ValueError, match="site_order"):
         _pack(cohort, tmp_path / "s", site_order=["siteA", "siteQ"])
+
+
+def test_a_full_disk_fails_clearly_and_leaves_only_finished_shards(tiny_cohort, tiny_store, tmp_path):
+    """A real ENOSPC (a private tmpfs, tests/small_fs.py) while the second shard is written: exit 2 with an error
+    naming the shard and the full disk, no temporary file, no manifest (the store is not taken for complete), the
+    finished first shard kept; with space again the same command resumes and the store equals the reference."""
+    import subprocess
+    import sys
+
+    from small_fs import run_on_small_fs
+
+    shard = (tiny_store / "shards" / "siteA-0.h5").stat().st_size
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = f"{sys.executable} -m data_prep.pack --cat12-root {tiny_cohort} --out $FS/store --jobs 1 --no-progress"
+    res = run_on_small_fs(tmp_path / "fs", f"""
+        leave {shard + 300_000}          # the first shard fits, the second does not
+        {cmd} 2> {out}/full.err; echo $? > {out}/full.rc
+        (cd $FS/store && find . -type f | sort) > {out}/full.files
+        unfill
+        {cmd} 2> {out}/again.err; echo $? > {out}/again.rc
+        cp -r $FS/store {out}/store
+    """, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert res.returncode == 0, res.stderr
+    err = (out / "full.err").read_text()
+    assert (out / "full.rc").read_text().strip() == "2", err[-2000:]
+    assert f"disk full: could not write the shard {tmp_path / 'fs'}/store/shards/siteB-0.h5" in err, err[-2000:]
+    assert "No space left on device" in err and "Traceback" not in err
+    assert (out / "full.files").read_text().split() == ["./pack-in-progress.json", "./shards/siteA-0.h5"]
+    again = (out / "again.err").read_text()
+    assert (out / "again.rc").read_text().strip() == "0", again[-2000:]
+    assert "keeping finished shard shards/siteA-0.h5" in again
+    assert verify(out / "store", progress=False) == []
+    new, ref = Store.open(out / "store"), Store.open(tiny_store)
+    assert list(new.participant_ids) == list(ref.participant_ids)
+    for k in range(0, len(ref.participant_ids), 7):
+        np.testing.assert_array_equal(new.read(k), ref.read(k))
+    assert subprocess.run(["mountpoint", "-q", str(tmp_path / "fs")]).returncode != 0  # nothing left mounted here

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -315,3 +316,78 @@ def test_time_limit_warning_checkpoints_and_requeues_the_plain_sbatch_fold(
     starts = [r for r in records if r.get("kind") == "info"]
     assert starts[0]["resumed"] is False and any(r["resumed"] and r["step"] > 0 for r in starts[1:]), starts
     assert json.loads((run / "folds" / site / "DONE").read_text())["steps"] == 150
+
+
+def _rank_pid(task: str, rank: int, timeout: float = 30) -> int:
+    """PID of global rank ``rank`` of the first ``srun`` step of a running job (``scontrol listpids``)."""
+    job = subprocess.run(["squeue", "-h", "-j", task, "-o", "%A"], capture_output=True, text=True).stdout.strip()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["scontrol", "listpids", job], capture_output=True, text=True).stdout
+        for line in out.splitlines()[1:]:  # PID JOBID STEPID LOCALID GLOBALID
+            cols = line.split()
+            if len(cols) == 5 and cols[2] == "0" and cols[4] == str(rank):
+                return int(cols[0])
+        time.sleep(0.25)
+    pytest.fail(f"no rank {rank} in job {task}: {out}")
+
+
+def test_a_rank_killed_with_sigkill_fails_its_fold_job_and_the_requeued_job_resumes_to_the_same_model(
+        slurm: None, store: Path, tmp_path: Path) -> None:
+    """slurm/loso_array.sh, 2 srun ranks: SIGKILL to rank 1 mid-run (no handler, no checkpoint). srun
+    --kill-on-bad-exit ends rank 0 (blocked in a gloo collective with the dead rank otherwise) and the task ends
+    FAILED within seconds; requeued, it resumes from the last complete checkpoint and ends with bitwise the weights
+    of an uninterrupted run of the same route."""
+    from dist_decode.train import checkpoint
+
+    cfg = _config(tmp_path / "cfg.json", ["train.steps=32", "train.checkpoint_every=4"])
+    site = _sites(store)[0]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def submit(run: Path) -> str:
+        return subprocess.run(["sbatch", "--parsable", "--array=0", "-o", str(logs / f"{run.name}-%A_%a.out"),
+                               str(REPO / "slurm" / "loso_array.sh")], capture_output=True, text=True, check=True,
+                              env=_env(DD_STORE=str(store), DD_RUN_DIR=str(run), DD_CONFIG=str(cfg)),
+                              cwd=tmp_path).stdout.strip()
+
+    ref_job = submit(tmp_path / "ref")  # runs first (the node has room for one 2-rank fold at a time)
+    jid = submit(tmp_path / "run")
+    task = f"{jid}_0"
+    fold = tmp_path / "run" / "folds" / site
+    deadline = time.monotonic() + 240
+    while checkpoint.latest_tag(fold / "checkpoints") is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.1)
+    t0 = time.monotonic()
+    os.kill(_rank_pid(task, 1), signal.SIGKILL)
+    _wait_jobs([task], 60)
+    failed_after = time.monotonic() - t0
+    info = slurmctl.job_info(task)
+    log = next(logs.glob("run-*.out")).read_text()
+    assert info["JobState"] == "FAILED", (info, log[-3000:])
+    assert failed_after < 30, f"the job took {failed_after:.1f} s to fail after its rank 1 was killed"
+    assert "task 1: Killed" in log, log[-3000:]
+    assert not (fold / "DONE").exists(), "the fold finished before its rank was killed"
+    last = checkpoint.latest_tag(fold / "checkpoints")
+    assert checkpoint.damage(fold / "checkpoints" / last) is None
+    print(f"SIGKILL to rank 1: job {task} FAILED {failed_after:.2f} s later; last checkpoint {last}")
+
+    subprocess.run(["scontrol", "requeue", task], check=True)
+    _start_requeued(task, 60)
+    _wait_jobs([task, ref_job], 240)
+    info = slurmctl.job_info(task)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, info
+    assert slurmctl.job_state(f"{ref_job}_0") == "COMPLETED"
+    records = [json.loads(line) for line in (fold / "metrics.jsonl").read_text().splitlines()]
+    starts = [r for r in records if r.get("kind") == "info"]
+    assert [r["step"] for r in starts] == [0, int(last.removeprefix("step"))], starts
+    assert [r["step"] for r in records if r.get("kind") == "train"] == list(range(1, 33))
+    import torch
+
+    ref = torch.load(tmp_path / "ref" / "folds" / site / "model_final.pt", weights_only=False)
+    new = torch.load(fold / "model_final.pt", weights_only=False)
+    for part in ("state_dict", "discriminator"):  # no discriminator without loss.gamma_tc: both None
+        ref_part, new_part = ref[part] or {}, new[part] or {}
+        assert ref_part.keys() == new_part.keys()
+        assert all(torch.equal(ref_part[k], new_part[k]) for k in ref_part), part

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -339,22 +340,40 @@ def test_a_jit_build_lock_left_by_a_killed_process_is_cleared_but_a_live_builder
     assert waited > 0.5, "entered while another process held the build lock"
 
 
-def test_a_damaged_checkpoint_is_detected_and_the_previous_one_resumes_to_the_same_model(tiny_store: Path,
-                                                                                         tmp_path: Path):
+#: One plain process, 6 steps, checkpoints at 3 and 6 (both kept): the reference of the checkpoint fault tests.
+SIX = ["--fold", "0", "--steps", "6", "--set", "train.batch_size=4", "--set", "model.channels=[8,16,16]",
+       "--set", "model.hidden=32", "--set", "train.checkpoint_every=3", "--set", "train.feature_samples=2"]
+
+
+def _six(store: Path, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "dist_decode.train", "--store", str(store), "--run-dir", str(run_dir), *SIX]
+
+
+@pytest.fixture(scope="module")
+def six_step_run(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted :data:`SIX` run (read-only: copy it before damaging it); returns the run directory."""
+    run_dir = tmp_path_factory.mktemp("six_step_run")
+    res = subprocess.run(_six(tiny_store, run_dir), env=_env(), capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run_dir
+
+
+def _final_weights(fold_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(fold_dir / "model_final.pt", weights_only=False)["state_dict"]
+
+
+def test_a_damaged_checkpoint_is_detected_and_the_previous_one_resumes_to_the_same_model(
+        six_step_run: Path, tiny_store: Path, tmp_path: Path):
     """A checkpoint cut short (full disk, copy cut short) fails its checksum; the fold resumes from the one before
     and, resuming bitwise, ends with exactly the weights of the undamaged run."""
     from dist_decode.data import Store
     from dist_decode.train import checkpoint
 
-    cmd = [sys.executable, "-m", "dist_decode.train", "--store", str(tiny_store), "--run-dir", str(tmp_path),
-           "--fold", "0", "--steps", "6", "--set", "train.batch_size=4", "--set", "model.channels=[8,16,16]",
-           "--set", "model.hidden=32", "--set", "train.checkpoint_every=3", "--set", "train.feature_samples=2"]
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-3000:]
-    fold_dir = tmp_path / "folds" / Store.open(tiny_store).sites[0]
+    run_dir = Path(shutil.copytree(six_step_run, tmp_path / "run"))
+    fold_dir = run_dir / "folds" / Store.open(tiny_store).sites[0]
     ckpts = fold_dir / "checkpoints"
     assert checkpoint.latest_tag(ckpts) == "step000000006" and checkpoint.damage(ckpts / "step000000006") is None
-    before = torch.load(fold_dir / "model_final.pt", weights_only=False)["state_dict"]
+    before = _final_weights(fold_dir)
     # cut the newest checkpoint's largest file short, and make the fold run again
     big = max((p for p in (ckpts / "step000000006").rglob("*") if p.is_file() and p.name != checkpoint.CHECKSUMS),
               key=lambda p: p.stat().st_size)
@@ -363,9 +382,92 @@ def test_a_damaged_checkpoint_is_detected_and_the_previous_one_resumes_to_the_sa
     assert checkpoint.intact_tag(ckpts) == "step000000003"
     for name in ("DONE", "model_final.pt", "features.h5"):
         (fold_dir / name).unlink()
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=ROOT)
+    # and a save cut short by a killed rank: newer than `latest`, never loaded, removed on resume
+    (ckpts / "step000000009").mkdir()
+    (ckpts / "step000000009" / "mp_rank_00_model_states.pt").write_bytes(b"cut short")
+    res = subprocess.run(_six(tiny_store, run_dir), env=_env(), capture_output=True, text=True, timeout=240,
+                         cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "is damaged" in res.stderr and "resumed from" in res.stderr and "step000000003" in res.stderr
-    after = torch.load(fold_dir / "model_final.pt", weights_only=False)["state_dict"]
+    assert f"removing the unfinished checkpoint {ckpts / 'step000000009'}" in res.stderr
+    assert not (ckpts / "step000000009").exists()
+    after = _final_weights(fold_dir)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert checkpoint.damage(ckpts / checkpoint.latest_tag(ckpts)) is None
+
+
+def test_a_full_disk_while_checkpointing_fails_clearly_and_the_previous_checkpoint_resumes(
+        six_step_run: Path, tiny_store: Path, tmp_path: Path):
+    """A real ENOSPC (a private tmpfs, tests/small_fs.py) while the step-6 checkpoint is written: exit 2 with an
+    error naming the checkpoint and the full disk, the unfinished checkpoint removed, ``latest`` still step 3 and
+    intact; with space again the fold resumes from step 3 and ends with bitwise the weights of the reference."""
+    from dist_decode.data import Store
+    from dist_decode.train import checkpoint
+    from small_fs import run_on_small_fs
+
+    site = Store.open(tiny_store).sites[0]
+    ref_fold = six_step_run / "folds" / site
+    # the run as a job killed after its step-3 checkpoint leaves it (metrics past step 3 are trimmed on resume)
+    state = Path(shutil.copytree(six_step_run, tmp_path / "state"))
+    fold = state / "folds" / site
+    shutil.rmtree(fold / "checkpoints" / "step000000006")
+    for name in ("DONE", "model_final.pt", "features.h5"):
+        (fold / name).unlink()
+    (fold / "checkpoints" / "latest").write_text("step000000003\n")
+    size = sum(f.stat().st_size for f in (fold / "checkpoints" / "step000000003").rglob("*") if f.is_file())
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = " ".join(_six(tiny_store, Path("$FS/run")))
+    res = run_on_small_fs(tmp_path / "fs", f"""
+        cp -r {state} $FS/run
+        leave {size // 2}                 # room for half a checkpoint
+        {cmd} 2> {out}/full.err; echo $? > {out}/full.rc
+        cp -r $FS/run {out}/after_full
+        unfill
+        {cmd} 2> {out}/again.err; echo $? > {out}/again.rc
+        cp -r $FS/run {out}/run
+    """, env=_env(PYTHONPATH=str(ROOT)), timeout=300)
+    assert res.returncode == 0, res.stderr
+    err = (out / "full.err").read_text()
+    assert (out / "full.rc").read_text().strip() == "2", err[-3000:]
+    assert (f"error: disk full: could not write the checkpoint {tmp_path / 'fs'}/run/folds/{site}/checkpoints/"
+            "step000000006 (No space left on device") in err, err[-3000:]
+    assert "Traceback" not in err
+    ckpts = out / "after_full" / "folds" / site / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step")) == ["step000000003"]
+    assert checkpoint.latest_tag(ckpts) == "step000000003" and checkpoint.damage(ckpts / "step000000003") is None
+    assert not (out / "after_full" / "folds" / site / "DONE").exists()
+    again = (out / "again.err").read_text()
+    assert (out / "again.rc").read_text().strip() == "0", again[-3000:]
+    assert "resumed from" in again and "at step 3" in again
+    before, after = _final_weights(ref_fold), _final_weights(out / "run" / "folds" / site)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_file_size_limit_while_checkpointing_is_reported_like_a_full_disk(tmp_path: Path):
+    """EFBIG (``RLIMIT_FSIZE``; EDQUOT, a quota, takes the same path) from DeepSpeed's own torch checkpoint engine
+    becomes the same clear error as ENOSPC, with plenty of free space left (so not by the free-space fallback):
+    the engine's saves go through Python files, which keep the errno that torch's C++ writer drops."""
+    import resource
+
+    code = f"""
+import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from dist_decode.fsutil import DiskFull, disk_full_errors
+from dist_decode.train.checkpoint import _save_through_python_files
+
+class Engine:
+    checkpoint_engine = TorchCheckpointEngine()
+
+_save_through_python_files(Engine)
+try:
+    with disk_full_errors({str(tmp_path / 'step1')!r}, "the checkpoint"):
+        Engine.checkpoint_engine.save({{"w": torch.zeros(100_000)}}, {str(tmp_path / 'model.pt')!r})
+except DiskFull as exc:
+    print("errno", exc.errno, "|", exc)
+"""
+    res = subprocess.run([sys.executable, "-c", code], env=_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                         timeout=120, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"errno 27 | disk full: could not write the checkpoint {tmp_path / 'step1'} (File too large;" in res.stdout, \
+        res.stdout + res.stderr[-2000:]

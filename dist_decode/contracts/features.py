@@ -24,7 +24,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from dist_decode.fsutil import atomic_path, open_hdf5
+from dist_decode.fsutil import atomic_path, disk_full_errors, open_hdf5
 
 FILE = "features.h5"
 TEXT = ("participant_id", "site", "diagnosis", "split")
@@ -81,7 +81,7 @@ def write(path: str | os.PathLike, features: FoldFeatures) -> Path:
     """Write ``features`` atomically."""
     path = Path(path)
     str_dt = h5py.string_dtype()
-    with atomic_path(path) as tmp:
+    with disk_full_errors(path, "the features"), atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             for k in TEXT:
                 f.create_dataset(k, data=np.asarray([str(v) for v in getattr(features, k)], dtype=object),

@@ -11,6 +11,7 @@ from pathlib import Path
 from dist_decode.cli import setup_logging
 from dist_decode.config import PROFILES, RunConfig
 from dist_decode.contracts.run import RunDir, resolve_config
+from dist_decode.fsutil import DiskFull
 from dist_decode.train.loop import FoldInterrupted, train_fold
 
 log = logging.getLogger("dist_decode.train")
@@ -41,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dist_decode.train",
                                 description="Train one leave-one-site-out fold with DeepSpeed (torchrun, srun, the "
                                             "deepspeed launcher, submitit or a plain process).",
-                                epilog="Exit status: 0 done (or already done), 2 bad input, 143/138 interrupted by "
-                                       "SIGTERM/SIGUSR1 after checkpointing (re-run to resume).")
+                                epilog="Exit status: 0 done (or already done), 2 bad input or a full disk (nothing "
+                                       "half-written is kept), 143/138 interrupted by SIGTERM/SIGUSR1 after "
+                                       "checkpointing (re-run to resume).")
     p.add_argument("--store", required=True, help="packed store directory (data_prep.pack output)")
     p.add_argument("--fold", required=True, type=int, help="LOSO fold index k: holds out the store's sites[k]")
     p.add_argument("--run-dir", required=True, help="run directory; outputs go to RUN/folds/<site>/")
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except FoldInterrupted as exc:
         log.warning("%s", exc)
         return exc.exit_code
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, DiskFull) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

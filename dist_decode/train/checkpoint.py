@@ -12,6 +12,10 @@ replaced atomically, so a job killed while saving resumes from the previous chec
 records the sha256 of every file of the checkpoint in ``step.../CHECKSUMS.json``: on resume a checkpoint whose files
 are missing, truncated or altered (a full disk, a bad block, a copy cut short) is detected and the newest intact
 older one is used instead (``train.keep_checkpoints`` >= 2 keeps one).
+
+A full disk while saving raises :class:`dist_decode.fsutil.DiskFull` naming the checkpoint; the unfinished
+``step...`` folder is removed (it was never ``latest``), so the previous checkpoint stays the one a re-run resumes
+from. Unfinished folders left by a rank killed while saving (newer than ``latest``) are removed on resume.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dist_decode.fsutil import atomic_write_json, atomic_write_text, read_json
+from dist_decode.fsutil import DiskFull, atomic_write_json, atomic_write_text, disk_full_errors, read_json
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +141,25 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank: 
     """
     ckpt_dir = Path(ckpt_dir)
     tag = tag_of(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(client_state, step=step), save_latest=False)
-    torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+    _save_through_python_files(engine)
+    try:
+        with disk_full_errors(ckpt_dir / tag, "the checkpoint"):
+            engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(client_state, step=step),
+                                   save_latest=False)
+            with open(ckpt_dir / tag / f"rng_rank{rank}.pt", "wb") as fh:
+                torch.save(_rng_state(), fh)
+    except DiskFull:
+        discard_unfinished(ckpt_dir, tag)  # the other ranks fail with it (srun --kill-on-bad-exit, lost peer)
+        raise
     dist.barrier()
     if rank == 0:
-        write_checksums(ckpt_dir / tag)
-        atomic_write_text(ckpt_dir / "latest", tag + "\n")
+        try:
+            with disk_full_errors(ckpt_dir / tag, "the checkpoint"):
+                write_checksums(ckpt_dir / tag)
+                atomic_write_text(ckpt_dir / "latest", tag + "\n")
+        except DiskFull:
+            discard_unfinished(ckpt_dir, tag)
+            raise
         tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
         for old in tags[: max(0, len(tags) - max(1, keep))]:
             if old != tag:
@@ -151,11 +168,56 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank: 
     return tag
 
 
+def _save_through_python_files(engine) -> None:
+    """Make DeepSpeed's torch checkpoint engine hand ``torch.save`` a Python file instead of a path.
+
+    Given a path, torch's C++ zip writer reports a full disk, an exceeded quota or file size limit only as
+    ``unexpected pos N vs M``; through a Python file the ``OSError`` (ENOSPC, EDQUOT, EFBIG) stays the cause, and
+    :func:`dist_decode.fsutil.is_disk_full` can tell a full disk from a bug. Other engines are left alone.
+    """
+    ce = getattr(engine, "checkpoint_engine", None)
+    if type(ce).__name__ != "TorchCheckpointEngine" or getattr(ce, "_dist_decode_files", False):
+        return
+
+    def save(state_dict, path: str) -> None:
+        with open(path, "wb") as fh:
+            torch.save(state_dict, fh, _use_new_zipfile_serialization=ce.zipfile_serialization)
+
+    ce.save = save
+    ce._dist_decode_files = True
+
+
+def discard_unfinished(ckpt_dir: Path, tag: str | None = None) -> list[str]:
+    """Remove checkpoint folders that never became ``latest``: ``tag``, or every one newer than ``latest``.
+
+    They are the remains of a save cut short (a full disk, a rank killed while saving). Never loaded anyway, they
+    take the space and, once ``latest`` moves past them, would look like finished older checkpoints.
+    Returns the tags removed.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    newest = latest_tag(ckpt_dir) or ""
+    if not newest and (ckpt_dir / "latest").exists():
+        return []  # `latest` names a folder that is gone: leave everything as it is for a person to look at
+    if tag is not None:
+        tags = [tag] if tag != newest and (ckpt_dir / tag).is_dir() else []
+    else:
+        tags = sorted(p.name for p in ckpt_dir.iterdir()
+                      if p.is_dir() and p.name.startswith("step") and p.name > newest)
+    for t in tags:
+        log.warning("removing the unfinished checkpoint %s", ckpt_dir / t)
+        shutil.rmtree(ckpt_dir / t, ignore_errors=True)
+    return tags
+
+
 def load(engine, ckpt_dir: Path, rank: int) -> dict[str, Any] | None:
     """Restore the newest intact checkpoint into ``engine`` (collective); its client state, or ``None``.
 
-    Rank 0 checks the checksums and every rank loads the tag it chose.
+    Rank 0 removes unfinished checkpoints, checks the checksums, and every rank loads the tag it chose.
     """
+    if rank == 0:
+        discard_unfinished(ckpt_dir)
     choice = [intact_tag(ckpt_dir) if rank == 0 else None]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(choice, src=0)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from dist_decode.config import RunConfig
 from dist_decode.data import BalancedBatchSampler
-from dist_decode.fsutil import atomic_path, atomic_write_json
+from dist_decode.fsutil import atomic_path, atomic_write_json, disk_full_errors
 from dist_decode.model import build_model, loss_kind
 from dist_decode.train import checkpoint, distributed
 from dist_decode.train.engine import build_engine, resolve_precision
@@ -209,42 +209,49 @@ class FoldTrainer:
 
     def _finish(self, wall: float) -> None:
         """model_final.pt, features.h5 and DONE (rank 0), in that order."""
-        plan, cfg, inputs = self.plan, self.cfg, self.inputs
+        plan = self.plan
         dist.barrier()
         if self.rank == 0:
-            state = final_state_dict(self.parts.engine, plan.fold_dir, cfg.train.steps, self.precision,
-                                     cfg.train.zero_stage)
-            noise_var = self.stepper.noise_var
-            save_model(plan.fold_dir / "model_final.pt", {
-                "config": cfg.to_dict(), "state_dict": state, "grid": list(inputs.grid), "voxel_mm": inputs.voxel_mm,
-                "model": cfg.model.name, "n_parameters": self.parts.n_parameters, "steps": cfg.train.steps,
-                "noise_var": noise_var, "normalised": inputs.transform is not None,
-                "discriminator": self.parts.disc.state_dict() if self.parts.disc is not None else None})
-            # features with a fresh fp32 copy: exactly what load_fold_model gives the analysis stages
-            model = build_model(cfg, inputs.grid, mask=inputs.mask.cpu(), voxel_mm=inputs.voxel_mm)
-            model.load_state_dict(state)
-            model = model.float().eval().to(self.device)
-            rows = np.concatenate([np.sort(plan.train), np.sort(plan.val), np.sort(plan.test)]).astype(np.int64)
-            split = np.array(["train"] * len(plan.train) + ["val"] * len(plan.val) + ["test"] * len(plan.test))
-            meta = {"index": rows, "split": split, **self._subject_meta(rows)}
-            bs = cfg.train.batch_size
-            batches = ((x, p, torch.from_numpy(rows[k * bs:(k + 1) * bs]))
-                       for k, (x, p) in enumerate(inputs.batches(rows, bs)))
-            extract_features(model, batches, meta, inputs.mask_index, cfg.train.feature_samples, cfg.seed,
-                             plan.fold_dir / "features.h5",
-                             {"fold": plan.fold, "site": plan.site, "model": cfg.model.name,
-                              "n_parameters": self.parts.n_parameters, "grid": list(inputs.grid),
-                              "seed": cfg.seed, "steps": cfg.train.steps,
-                              "noise_var": noise_var if noise_var is not None else float("nan")},
-                             self.device)
-            atomic_write_json(plan.fold_dir / "DONE", {
-                "steps": cfg.train.steps, "wall_s": round(wall, 3), "n_parameters": self.parts.n_parameters,
-                "noise_var": noise_var, "model": cfg.model.name, "world_size": self.world, "fold": plan.fold,
-                "site": plan.site, "precision": self.precision, "zero_stage": cfg.train.zero_stage,
-                "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-            log.info("fold %d (%s): done in %.1f s (%s parameters) -> %s", plan.fold, plan.site, wall,
-                     f"{self.parts.n_parameters:,}", plan.fold_dir)
+            # every output is atomic: a full disk leaves no half-written file and no DONE, and a re-run redoes this
+            with disk_full_errors(plan.fold_dir, "the final outputs (model_final.pt, features.h5, DONE) in"):
+                self._write_outputs(wall)
         dist.barrier()
+
+    def _write_outputs(self, wall: float) -> None:
+        """Rank 0's part of :meth:`_finish`."""
+        plan, cfg, inputs = self.plan, self.cfg, self.inputs
+        state = final_state_dict(self.parts.engine, plan.fold_dir, cfg.train.steps, self.precision,
+                                 cfg.train.zero_stage)
+        noise_var = self.stepper.noise_var
+        save_model(plan.fold_dir / "model_final.pt", {
+            "config": cfg.to_dict(), "state_dict": state, "grid": list(inputs.grid), "voxel_mm": inputs.voxel_mm,
+            "model": cfg.model.name, "n_parameters": self.parts.n_parameters, "steps": cfg.train.steps,
+            "noise_var": noise_var, "normalised": inputs.transform is not None,
+            "discriminator": self.parts.disc.state_dict() if self.parts.disc is not None else None})
+        # features with a fresh fp32 copy: exactly what load_fold_model gives the analysis stages
+        model = build_model(cfg, inputs.grid, mask=inputs.mask.cpu(), voxel_mm=inputs.voxel_mm)
+        model.load_state_dict(state)
+        model = model.float().eval().to(self.device)
+        rows = np.concatenate([np.sort(plan.train), np.sort(plan.val), np.sort(plan.test)]).astype(np.int64)
+        split = np.array(["train"] * len(plan.train) + ["val"] * len(plan.val) + ["test"] * len(plan.test))
+        meta = {"index": rows, "split": split, **self._subject_meta(rows)}
+        bs = cfg.train.batch_size
+        batches = ((x, p, torch.from_numpy(rows[k * bs:(k + 1) * bs]))
+                   for k, (x, p) in enumerate(inputs.batches(rows, bs)))
+        extract_features(model, batches, meta, inputs.mask_index, cfg.train.feature_samples, cfg.seed,
+                         plan.fold_dir / "features.h5",
+                         {"fold": plan.fold, "site": plan.site, "model": cfg.model.name,
+                          "n_parameters": self.parts.n_parameters, "grid": list(inputs.grid),
+                          "seed": cfg.seed, "steps": cfg.train.steps,
+                          "noise_var": noise_var if noise_var is not None else float("nan")},
+                         self.device)
+        atomic_write_json(plan.fold_dir / "DONE", {
+            "steps": cfg.train.steps, "wall_s": round(wall, 3), "n_parameters": self.parts.n_parameters,
+            "noise_var": noise_var, "model": cfg.model.name, "world_size": self.world, "fold": plan.fold,
+            "site": plan.site, "precision": self.precision, "zero_stage": cfg.train.zero_stage,
+            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        log.info("fold %d (%s): done in %.1f s (%s parameters) -> %s", plan.fold, plan.site, wall,
+                 f"{self.parts.n_parameters:,}", plan.fold_dir)
 
     def _subject_meta(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         st = self.inputs.store
@@ -265,8 +272,8 @@ class Metrics:
         self.path, self.enabled = path, enabled
 
     def write(self, rec: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
+        if self.enabled:  # a line cut by a full disk is dropped by trim() on resume
+            with disk_full_errors(self.path, "the training metrics"), open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
     def trim(self, step: int) -> None:
