@@ -42,6 +42,8 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
                               []),
     "encoders at the data grid": ("model.encoder_voxel_mm 0 (the encoders see the data grid, not 6 mm)",
                                   ["model.encoder_voxel_mm=0"], []),
+    "controls as site reference": ("data.site_reference controls (site gain and mean from the site's controls)",
+                                   ['data.site_reference="controls"'], []),
     "nonlinear encoders": ("model.encoder nonlinear (GroupNorm + SiLU)", ['model.encoder="nonlinear"'], []),
     "fixed noise": ("loss.noise fixed (summed squared error, the old recon term)", ['loss.noise="fixed"'], []),
     "no control-S penalty": ("loss.control_s_weight 0", ["loss.control_s_weight=0"], []),

@@ -11,8 +11,10 @@ Every volume the models see goes through the same four steps, computed on the st
 4. **site centring**: minus the site's voxelwise mean;
 
 then divided by one global ``scale`` (the pooled standard deviation inside the brain mask), so the network sees
-unit-variance inputs. Steps 3 and 4 use only each site's own volumes, never its labels, so they apply to a
-held-out site and to any later subject in exactly the same way.
+unit-variance inputs. Steps 3 and 4 use only each site's own volumes, so they apply to a held-out site and to any
+later subject in exactly the same way: all of them (``site_reference="all"``: no labels), or its controls
+(``"controls"``: the site's healthy reference, so its share of patients does not change what is removed; a site
+with fewer than :data:`MIN_REFERENCE` controls falls back to all its subjects).
 
 The statistics are computed in one streaming pass over the store (:meth:`Normaliser.compute`) and kept in
 ``RUN/normalisation.h5`` (:func:`ensure`, under a file lock so concurrent fold jobs compute them once). The
@@ -27,7 +29,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -47,6 +49,9 @@ log = logging.getLogger(__name__)
 FILE = "normalisation.h5"
 SCHEMA = 1
 PROPORTIONAL = ("tiv", "gm", "none")
+SITE_REFERENCES = ("all", "controls")
+#: Fewest controls a site's reference statistics are taken from; below it, all the site's subjects.
+MIN_REFERENCE = 3
 #: Positive floor of a site mean (density units) when turning decoded volumes into a density ratio.
 DENSITY_FLOOR = 1e-3
 
@@ -59,11 +64,12 @@ class NormaliseSettings:
     smooth_fwhm_mm: float = 8.0
     site_gain: bool = True
     site_center: bool = True
+    site_reference: str = "all"
 
     @classmethod
     def from_config(cls, data_cfg) -> "NormaliseSettings":
         s = cls(str(data_cfg.proportional_scaling), float(data_cfg.smooth_fwhm_mm), bool(data_cfg.site_gain),
-                bool(data_cfg.site_center))
+                bool(data_cfg.site_center), str(data_cfg.site_reference))
         s.validate()
         return s
 
@@ -74,6 +80,8 @@ class NormaliseSettings:
                              f"{list(PROPORTIONAL)}")
         if not self.smooth_fwhm_mm >= 0:
             raise ValueError(f"data.smooth_fwhm_mm {self.smooth_fwhm_mm!r}: expected >= 0")
+        if self.site_reference not in SITE_REFERENCES:
+            raise ValueError(f"data.site_reference {self.site_reference!r}: expected one of {list(SITE_REFERENCES)}")
 
     @property
     def active(self) -> bool:
@@ -83,7 +91,29 @@ class NormaliseSettings:
 
     def to_dict(self) -> dict:
         return {"proportional_scaling": self.proportional_scaling, "smooth_fwhm_mm": self.smooth_fwhm_mm,
-                "site_gain": self.site_gain, "site_center": self.site_center}
+                "site_gain": self.site_gain, "site_center": self.site_center, "site_reference": self.site_reference}
+
+
+def reference_subjects(store, settings: NormaliseSettings, site_index: np.ndarray,
+                       n_sites: int) -> tuple[np.ndarray, list[str]]:
+    """Which subjects each site's gain and mean come from, and the sites that fell back to all their subjects.
+
+    ``site_reference="all"``: everyone. ``"controls"``: each site's controls (``store.is_patient`` false); a site
+    with fewer than :data:`MIN_REFERENCE` of them uses all its subjects (logged).
+    """
+    everyone = np.ones(len(site_index), bool)
+    if settings.site_reference == "all":
+        return everyone, []
+    controls = ~np.asarray(store.is_patient, bool)
+    fallback = []
+    for k in range(n_sites):
+        here = site_index == k
+        if here.any() and int((controls & here).sum()) < MIN_REFERENCE:
+            fallback.append(str(store.sites[k]))
+            log.warning("site %s has %d control(s) (< %d): its normalisation statistics come from all its %d "
+                        "subjects", store.sites[k], int((controls & here).sum()), MIN_REFERENCE, int(here.sum()))
+    use_all = np.isin(np.asarray(store.site_of).astype(str), fallback)
+    return controls | use_all, fallback
 
 
 # -- smoothing ---------------------------------------------------------------------------------------------------
@@ -153,6 +183,9 @@ class Normaliser:
     site_total_mean : float or None
         The mean over sites of the site totals (ml), the divisor of ``site_gain``: a new cohort's site gains are
         relative to its trained run's (None in files written before it was recorded).
+    sites_referenced_on_all : list of str
+        With ``site_reference="controls"``: the sites with too few controls, whose statistics came from all their
+        subjects.
     """
 
     settings: NormaliseSettings
@@ -167,6 +200,7 @@ class Normaliser:
     voxel_mm: tuple[float, float, float]
     store_hash: str
     site_total_mean: float | None = None
+    sites_referenced_on_all: list[str] = field(default_factory=list)
 
     # .. computing ..
     @classmethod
@@ -227,8 +261,11 @@ class Normaliser:
         ref = float(np.median(measure)) if reference is None else float(reference)
         w = ref / measure  # proportional factor per subject
         counts = np.bincount(site_index, minlength=len(sites))
+        in_ref, fallback = reference_subjects(store, settings, site_index, len(sites))
+        ref_counts = np.bincount(site_index[in_ref], minlength=len(sites))
         s1 = np.zeros((len(sites),) + mask.shape, np.float64)  # per site: sum of w v, sum of (w v)^2
         s2 = np.zeros_like(s1)
+        r1 = np.zeros_like(s1) if settings.site_reference != "all" else s1  # per site: sum of w v, reference only
         total = np.zeros(n)  # per subject: total of w v inside the mask (ml)
         with torch.no_grad():
             for i, x in volumes("normalisation statistics"):
@@ -237,16 +274,22 @@ class Normaliser:
                 vn = v.numpy()
                 s1[site_index[i]] += vn
                 s2[site_index[i]] += vn * vn
-        site_total = np.array([total[site_index == k].mean() if counts[k] else 0.0 for k in range(len(sites))])
+                if r1 is not s1 and in_ref[i]:
+                    r1[site_index[i]] += vn
+        site_total = np.array([total[in_ref & (site_index == k)].mean() if ref_counts[k] else 0.0
+                               for k in range(len(sites))])
         if site_total_mean is None:
             site_total_mean = float(site_total[counts > 0].mean())
         gain = site_total / site_total_mean if settings.site_gain else np.ones(len(sites))
         gain = np.where(counts > 0, gain, 1.0)
         nk = np.maximum(counts, 1)[:, None, None, None]
         g = gain[:, None, None, None]
-        mean = s1 / (nk * g)  # site mean after scaling and gain
+        mean = r1 / (np.maximum(ref_counts, 1)[:, None, None, None] * g)  # site reference mean after scaling, gain
         if settings.site_center:
-            ss = s2 / g ** 2 - nk * mean ** 2  # within-site sum of squares per voxel
+            if r1 is s1:
+                ss = s2 / g ** 2 - nk * mean ** 2  # within-site sum of squares per voxel
+            else:  # sum of squares about the site's reference mean
+                ss = s2 / g ** 2 - 2 * mean * s1 / g + nk * mean ** 2
         else:
             ss = s2 / g ** 2
         if scale is None:
@@ -260,6 +303,7 @@ class Normaliser:
             participant_id=np.asarray(store.participant_ids).astype(str),
             factor=(w / gain[site_index]).astype(np.float64), site_index=site_index, voxel_mm=vox,
             store_hash=store_hash(store.path), site_total_mean=float(site_total_mean),
+            sites_referenced_on_all=fallback,
         )
 
     # .. files ..
@@ -278,6 +322,7 @@ class Normaliser:
                 f.attrs["store_manifest_sha256"] = self.store_hash
                 if self.site_total_mean is not None:
                     f.attrs["site_total_mean"] = self.site_total_mean
+                f.attrs["sites_referenced_on_all"] = json.dumps(self.sites_referenced_on_all)
                 f.attrs["created_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
                 f.create_dataset("site_gain", data=self.site_gain)
                 f.create_dataset("factor", data=self.factor)
@@ -315,6 +360,7 @@ class Normaliser:
                     voxel_mm=tuple(float(v) for v in f.attrs["voxel_mm"]),
                     store_hash=str(f.attrs["store_manifest_sha256"]),
                     site_total_mean=(float(f.attrs["site_total_mean"]) if "site_total_mean" in f.attrs else None),
+                    sites_referenced_on_all=json.loads(f.attrs.get("sites_referenced_on_all", "[]")),
                 )
         except (OSError, KeyError) as exc:
             raise ValueError(f"{path}: damaged normalisation statistics ({exc})") from exc

@@ -15,8 +15,9 @@ from dist_decode.data import Store
 from dist_decode.normalise import Normaliser, NormaliseSettings, gaussian_kernels, smooth
 
 
-def _reference(store: Store, fwhm: float) -> dict:
-    """The four steps done by hand with scipy, volume by volume."""
+def _reference(store: Store, fwhm: float, controls_only: bool = False) -> dict:
+    """The four steps done by hand with scipy, volume by volume (site gains and means from every subject, or from
+    each site's controls)."""
     vox = voxel_sizes(store.affine)
     sigma = [fwhm / (2 * np.sqrt(2 * np.log(2))) / v for v in vox]
     tiv = np.asarray(store.phenotypes["tiv_ml"], float)
@@ -26,11 +27,12 @@ def _reference(store: Store, fwhm: float) -> dict:
     sites = list(store.sites)
     site = np.array([sites.index(s) for s in store.site_of])
     mask = store.mask
+    use = ~np.asarray(store.is_patient, bool) if controls_only else np.ones(store.n, bool)
     totals = vols[:, mask].sum(1)
-    site_tot = np.array([totals[site == k].mean() for k in range(len(sites))])
+    site_tot = np.array([totals[use & (site == k)].mean() for k in range(len(sites))])
     gain = site_tot / site_tot.mean()
     vols /= gain[site][:, None, None, None]
-    means = np.stack([vols[site == k].mean(0) for k in range(len(sites))])
+    means = np.stack([vols[use & (site == k)].mean(0) for k in range(len(sites))])
     centred = vols - means[site]
     scale = np.sqrt((centred[:, mask] ** 2).mean())
     return {"vols": vols, "means": means, "gain": gain, "scale": scale, "z": centred / scale, "site": site}
@@ -56,6 +58,38 @@ def test_statistics_match_a_direct_computation(tiny_store):
     for i in (0, store.n - 1):
         np.testing.assert_allclose(norm.density(z[i], int(norm.site_index[i])), ref["vols"][i] * ref["gain"][ref["site"][i]],
                                    atol=1e-5)
+
+
+def test_controls_as_each_sites_reference_and_the_fallback_for_a_site_with_too_few(tiny_store, tmp_path,
+                                                                                     monkeypatch):
+    store = Store.open(tiny_store)
+    settings = NormaliseSettings(smooth_fwhm_mm=10.0, site_reference="controls")
+    norm = Normaliser.compute(store, settings, progress=False)
+    ref = _reference(store, 10.0, controls_only=True)
+    np.testing.assert_allclose(norm.site_gain, ref["gain"], rtol=1e-6)
+    np.testing.assert_allclose(norm.site_mean, ref["means"], atol=1e-6)
+    assert norm.scale == pytest.approx(ref["scale"], rel=1e-6)  # the spread about the controls' mean, everyone
+    assert norm.sites_referenced_on_all == []
+    # the controls of a site are centred on zero, its patients keep their mean difference from them
+    z = norm.transform()(torch.from_numpy(np.stack([store.read(i) for i in range(store.n)]))[:, None],
+                         torch.from_numpy(norm.factor), torch.from_numpy(norm.site_index))[:, 0].numpy()
+    np.testing.assert_allclose(z, ref["z"], rtol=1e-4, atol=2e-5)
+    hc = ~np.asarray(store.is_patient, bool)
+    for k in range(len(norm.sites)):
+        assert np.abs(z[hc & (ref["site"] == k)][:, store.mask].mean(0)).max() < 1e-4
+    path = norm.save(tmp_path / "n.h5")
+    back = Normaliser.load(path)
+    assert back.settings == settings and back.sites_referenced_on_all == []
+    # too few controls at a site (here: every site, with the bar raised): all its subjects, named and recorded
+    monkeypatch.setattr(normalise, "MIN_REFERENCE", 6)
+    fell = Normaliser.compute(store, settings, progress=False)
+    every = Normaliser.compute(store, NormaliseSettings(smooth_fwhm_mm=10.0), progress=False)
+    assert fell.sites_referenced_on_all == list(store.sites)
+    np.testing.assert_allclose(fell.site_mean, every.site_mean, atol=1e-6)
+    np.testing.assert_allclose(fell.site_gain, every.site_gain, rtol=1e-9)
+    assert Normaliser.load(fell.save(tmp_path / "f.h5")).sites_referenced_on_all == list(store.sites)
+    with pytest.raises(ValueError, match="data.site_reference"):
+        Normaliser.compute(store, NormaliseSettings(site_reference="patients"), progress=False)
 
 
 def test_gain_removes_a_scanner_scale_and_tiv_scaling_removes_head_size(tiny_store):
