@@ -314,10 +314,10 @@ class Bench:
         from dist_decode.contracts.store import read_manifest
 
         n_sub = int(read_manifest(sub / "store")["n_subjects"])
-        full = self.cached("group")
-        n_pat = max(3, self.args.subset_patients)
+        full = self.cached("group") or self.group()  # its maps are the input (the first n_pat of them)
+        n_pat = max(3, min(self.args.subset_patients, full["patients"]))
         out_json = self.results / "group_subset_child.json"
-        data = self.work / "maps_input" / self.scale  # the group stage's maps (the first n_pat of them)
+        data = self.work / "maps_input" / self.scale
         cmd = [PY, str(Path(__file__).resolve()), "_group", "--store", str(self.store), "--dir", str(data),
                "--n", str(n_pat), "--how", "stream", "--child-out", str(out_json)]
         group = timed(cmd, self.logs / f"group_{self.scale}_subset.log")
@@ -325,7 +325,7 @@ class Bench:
         shutil.rmtree(sub / "store", ignore_errors=True)
         return self.save("subset", {"pack": {**pack, "subjects": n_sub}, "group": group,
                                     "full_pack_subjects": (self.cached("pack") or {}).get("subjects"),
-                                    "full_group_patients": (full or {}).get("patients")})
+                                    "full_group_patients": full["patients"]})
 
 
 # -- children (run in their own process so /usr/bin/time measures them alone) ----------------------------------------
@@ -409,7 +409,18 @@ def child_group(store_path: Path, folder: Path, n: int, how: str, out: Path) -> 
 
 
 # -- calibration ----------------------------------------------------------------------------------------------------
-def build_calibration(results: dict[str, dict[str, dict]], command: str, load_start: list[float]) -> dict:
+def normalisation_seconds(train_log: Path) -> tuple[int, float] | None:
+    """(subjects, seconds) of the normalisation statistics pass logged by the trainer, or None."""
+    import re
+
+    if not train_log.is_file():
+        return None
+    m = re.search(r"normalisation statistics of (\d+) subjects .* \(([\d.]+) s\)", train_log.read_text())
+    return (int(m.group(1)), float(m.group(2))) if m else None
+
+
+def build_calibration(results: dict[str, dict[str, dict]], command: str, load_start: list[float],
+                      logs: Path | None = None) -> dict:
     """The calibration document from the stage results (unit costs from the largest scale measured)."""
     scale = "paper" if "paper" in results else next(iter(results))
     r = results[scale]
@@ -425,8 +436,9 @@ def build_calibration(results: dict[str, dict[str, dict]], command: str, load_st
         "pack_grid": pack["grid"], "pack_jobs": 1,
         "train_s_per_step": {p: train[p]["s_per_step"] for p in ("fp32", "bf16")},
         "train_batch_size": train["batch_size"], "train_grid": train["grid"], "train_threads": train["threads"],
-        "train_s_to_first_step": train["fp32"]["s_to_first_step"], "train_setup_subjects": pack["subjects"],
-        "train_model": train["model"],
+        # model build, DeepSpeed start, input scale: the bf16 run, whose normalisation statistics were reused
+        "train_s_to_first_step": train["bf16"]["s_to_first_step"],
+        "normalise_s_per_subject": None, "train_model": train["model"],
         "train_n_parameters": train["n_parameters"],
         "gpu_s_per_step": {"fp32": None, "bf16": None},
         "syn_s_per_registration": syn["s_per_registration"], "syn_grid": syn["grid"],
@@ -436,6 +448,9 @@ def build_calibration(results: dict[str, dict[str, dict]], command: str, load_st
         "rsa_s_per_1000_permutations_per_rank": {k: rsa[k]["cpu_s_per_1000_permutations"] for k in ("1", "2")},
         "rsa_n": rsa["n"], "rsa_tests": rsa["tests"],
     }
+    norm = normalisation_seconds(logs / f"train_{scale}_fp32.log") if logs is not None else None
+    if norm is not None:
+        units["normalise_s_per_subject"] = norm[1] / norm[0]
     peak = {s: {st: res.get("peak_rss_mb") for st, res in stages.items() if st not in ("synth", "subset")}
             for s, stages in results.items()}
     for s, stages in results.items():
@@ -448,7 +463,8 @@ def build_calibration(results: dict[str, dict[str, dict]], command: str, load_st
                   "subset_patients": stages.get("subset", {}).get("group", {}).get("n")}
               for s, stages in results.items()}
     return {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command,
-            "machine": calibration.machine_info(), "load_avg": {"start": load_start, "end": list(os.getloadavg())},
+            "machine": calibration.machine_info(), "load_avg": {"start": load_start, "end": list(os.getloadavg()),
+                         "note": "of this invocation; each stage's own is stages.SCALE.STAGE.load_avg_end"},
             "shared_machine": True, "units": units, "peak_rss_mb": peak, "scales": scales, "stages": results}
 
 
@@ -515,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
                     res = getattr(b, stage)()
                 if res is not None:
                     results[scale][stage] = res
-        cal = build_calibration(results, "python benchmarks/bench_scale.py " + " ".join(argv), load_start)
+        cal = build_calibration(results, "python benchmarks/bench_scale.py " + " ".join(argv), load_start,
+                                a.work.absolute() / "logs")
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2

@@ -12,12 +12,14 @@ The model, per stage (``u`` = calibration units; ``r(g)`` = voxels of grid ``g``
   u.train_batch_size) * r(model grid)`` over ``--cpus-per-task`` threads at ``--cpu-thread-efficiency``; on GPU
   ``--gpu-step-s``, else the calibration's GPU figure, else the CPU step / ``--gpu-speedup``. ``batch`` is per rank
   (DeepSpeed data parallel: G ranks see G x batch per step); ``--same-samples`` divides the steps by G so a fold sees
-  as many volumes as on one GPU. Data-parallel steps pay ``--allreduce-overhead``. ``setup`` (normalisation
-  statistics) = ``u.train_s_to_first_step * N / u.train_setup_subjects * r(store)`` on CPU; ``export`` (features of all N subjects)
+  as many volumes as on one GPU. Data-parallel steps pay ``--allreduce-overhead``. ``setup`` = the normalisation
+  pass ``u.normalise_s_per_subject * N * r(store)`` + ``u.train_s_to_first_step * r(model grid)`` (model build,
+  DeepSpeed start) on the fold's CPU threads; ``export`` (features of all N subjects)
   = N forward passes, each ``--forward-fraction`` of a training step's per-volume cost;
 * maps: per patient of a held-out site, ``2 * samples`` SyN registrations (``maps.kind = jacobian``) at
   ``u.syn_s_per_registration * r(store)``, or ``2 * samples`` decoder passes (density maps), sharded over every core;
-  then one group test per site, ``u.group_s_per_patient * patients * r(store)``, in one combining job;
+  then one group test per site, ``u.group_s_per_patient * patients * r(store)``, the sites side by side (the
+  launcher's per-fold maps jobs), so the largest site sets the wall time;
 * rsa: ``u.rsa_s_per_1000_permutations_per_rank['1'] * B / 1000 * (pairs / calibration pairs) * (tests /
   calibration tests)`` CPU-s, pairs within held-out sites, over ``--rsa-ranks`` MPI ranks (at most one per block);
 * report: ``--report-s`` (not measured; assumed).
@@ -178,14 +180,19 @@ def project(manifest: dict, cfg: RunConfig, cal: dict, folds: list[int], *, node
     if concurrent < 1:
         raise ValueError(f"a fold needs {gpus_per_fold or cpus_per_task} {'GPUs' if on_gpu else 'cores'} but a node "
                          f"has {gpus_per_node if on_gpu else cpus_per_node} and there are {nodes} node(s)")
-    setup_n = u.get("train_setup_subjects") or n
-    setup = u.get("train_s_to_first_step", 0.0) * n / setup_n * _voxels(store_grid) / _voxels(u["pack_grid"])
+    # normalisation statistics (one pass over the store, once per run) + model build and start, on CPU threads
+    normalise = (u.get("normalise_s_per_subject") or 0.0) * n * _voxels(store_grid) / _voxels(u["pack_grid"])
+    if not u.get("normalise_s_per_subject"):
+        assumptions.append("the calibration has no normalisation figure: its cost is left out")
+    setup = (normalise + u.get("train_s_to_first_step", 0.0) * _voxels(model_grid) / _voxels(u["train_grid"]))
     setup /= max(1.0, cpus_per_task * cpu_thread_efficiency)
     export = n * forward
     fold_wall = setup + steps * step + export
     waves = math.ceil(len(folds) / concurrent)
     assumptions.append(f"feature export: {n} forward passes per fold, each {forward_fraction:.2g} of a training "
                        "step per volume (not measured)")
+    assumptions.append(f"train peak memory: host RSS measured on a CPU at batch {u['train_batch_size']} (grows with the "
+                       "batch: activations); GPU memory not measured")
     fold_gpus = gpus_per_fold if on_gpu else 0
     fold_cpus = cpus_per_task * max(1, gpus_per_fold)
     stages.append(StagePlan("train (one fold)", fold_wall, fold_wall * fold_gpus / 3600, fold_wall * fold_cpus / 3600,
@@ -207,8 +214,10 @@ def project(manifest: dict, cfg: RunConfig, cal: dict, folds: list[int], *, node
         per_patient = 2 * samples * per_volume * forward_fraction
         what = f"density maps: 2 x {samples} decoder passes per patient (assumed {forward_fraction:.2g} of a step)"
     subject_cpu = n_patients * per_patient
-    group_cpu = u["group_s_per_patient"] * n_patients * _voxels(store_grid) / _voxels(u["group_grid"])
-    maps_wall = max(subject_cpu / total_cores, per_patient) + group_cpu
+    group_unit = u["group_s_per_patient"] * _voxels(store_grid) / _voxels(u["group_grid"])
+    group_cpu = group_unit * n_patients
+    # the launcher's per-fold maps jobs test their sites side by side: the largest site sets the wall time
+    maps_wall = max(subject_cpu / total_cores, per_patient) + group_unit * max(patients[s] for s in held)
     group_peak = _peak(cal, "group")
     cal_largest = (cal.get("scales", {}).get("paper") or {}).get("largest_site_patients")
     if group_peak is not None and cal_largest:

@@ -26,7 +26,7 @@ def made_up_calibration() -> dict:
         "units": {
             "pack_s_per_subject": 0.5, "store_mb_per_volume": 2.0, "pack_grid": [10, 10, 10],
             "train_s_per_step": {"fp32": 8.0, "bf16": 4.0}, "train_batch_size": 2, "train_grid": [10, 10, 10],
-            "train_threads": 1, "train_s_to_first_step": 100.0, "train_setup_subjects": 100,
+            "train_threads": 1, "train_s_to_first_step": 10.0, "normalise_s_per_subject": 1.0,
             "gpu_s_per_step": {"fp32": None, "bf16": None},
             "syn_s_per_registration": 30.0, "syn_grid": [10, 10, 10],
             "group_s_per_patient": 0.5, "group_grid": [10, 10, 10],
@@ -60,15 +60,16 @@ def test_projection_matches_hand_computed_hours():
     assert by["pack"].wall_s == pytest.approx(20.0)
     assert by["pack"].cpu_h == pytest.approx(80 / 3600)
     # train: per volume 4 s / 2 x 2 = 4 s; GPU step 4 x 4 / 100 = 0.16 s, x 1.05 all-reduce = 0.168 s; 100 steps.
-    # setup 100 s x 80/100 x 2 / (4 threads x 0.5) = 80 s; export 80 x 4 x 0.25 / 100 = 0.8 s -> 97.6 s per fold;
-    # 4 folds of 2 GPUs on 2 nodes x 4 GPUs: one wave.
-    fold = 80 + 100 * 0.168 + 0.8
+    # setup (normalisation 1 s x 80 x 2 + start 10 s x 2) / (4 threads x 0.5) = 90 s; export 80 x 4 x 0.25 / 100
+    # = 0.8 s -> 107.6 s per fold; 4 folds of 2 GPUs on 2 nodes x 4 GPUs: one wave.
+    fold = 90 + 100 * 0.168 + 0.8
     assert by["train (one fold)"].wall_s == pytest.approx(fold)
     assert by["train (4 folds)"].wall_s == pytest.approx(fold)
     assert by["train (4 folds)"].gpu_h == pytest.approx(4 * fold * 2 / 3600)
     assert by["train (4 folds)"].cpu_h == pytest.approx(4 * fold * 4 * 2 / 3600)
-    # maps: 40 patients x 2 registrations x 30 s x 2 = 4800 CPU-s over 20 cores, + group 0.5 x 40 x 2 = 40 s
-    assert by["maps"].wall_s == pytest.approx(4800 / 20 + 40)
+    # maps: 40 patients x 2 registrations x 30 s x 2 = 4800 CPU-s over 20 cores; group tests 0.5 s x 2 per patient,
+    # 40 CPU-s, the sites side by side: the largest (10 patients) adds 10 s
+    assert by["maps"].wall_s == pytest.approx(4800 / 20 + 10)
     assert by["maps"].cpu_h == pytest.approx(4840 / 3600)
     assert by["maps"].peak_mb == pytest.approx(1000)
     # rsa: 20 s x 1000/1000 x (4 x 190 pairs / 5050) x (8 / 8 tests) over min(20 cores, 10 blocks) ranks
@@ -76,7 +77,7 @@ def test_projection_matches_hand_computed_hours():
     assert by["rsa"].cpu_h == pytest.approx(rsa_cpu / 3600)
     assert by["rsa"].wall_s == pytest.approx(rsa_cpu / 10)
     assert by["rsa"].tasks == 10
-    assert plan.total_wall_s == pytest.approx(20 + fold + 280 + 60)
+    assert plan.total_wall_s == pytest.approx(20 + fold + 250 + 60)
     assert plan.dominant == "maps"
     assert any("NO GPU FIGURE" in a and "100x" in a for a in plan.assumptions)
 
@@ -91,7 +92,7 @@ def test_measured_gpu_step_replaces_the_assumption_and_cpu_cluster_uses_threads(
     # CPU-only: bf16 per volume 4 s x batch 4 / (4 threads x 0.5) = 8 s per step; 10 cores // 4 = 2 folds per node
     cpu = project(man, cfg, cal, [0, 1, 2, 3], **{**CLUSTER, "gpus_per_fold": 0})
     by = {s.name: s for s in cpu.stages}
-    fold = 80 + 100 * 8.0 + 80 * 4 * 0.25 / 2
+    fold = 90 + 100 * 8.0 + 80 * 4 * 0.25 / 2
     assert by["train (one fold)"].wall_s == pytest.approx(fold)
     assert by["train (4 folds)"].wall_s == pytest.approx(fold)  # 2 nodes x 2 folds: one wave
     assert by["train (4 folds)"].gpu_h == 0
@@ -160,7 +161,7 @@ def test_bench_scale_writes_a_calibration_the_planner_reads(tmp_path, capsys):
     assert res.returncode == 0, res.stderr[-3000:]
     cal = cal_contract.read_calibration(calf)
     u = cal["units"]
-    assert u["train_grid"] == [29, 35, 29] and u["train_batch_size"] == 2
+    assert u["train_grid"] == [29, 35, 29] and u["train_batch_size"] == 2 and u["normalise_s_per_subject"] > 0
     assert u["gpu_s_per_step"]["bf16"] is None  # measured on a CPU: no GPU figure is invented
     assert set(cal["peak_rss_mb"]["tiny"]) == {"pack", "train", "syn", "group", "rsa"}
     assert all(v > 0 for v in cal["peak_rss_mb"]["tiny"].values())
