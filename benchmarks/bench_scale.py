@@ -14,7 +14,9 @@ child process under ``/usr/bin/time -v`` (wall time and peak resident memory of 
 ``group``  the maps stage's group step (``dist_decode.maps.pipeline.site_test_input`` + ``site_group_test``, the run
            config's FWE test) on as many synthetic subject maps as the largest site has patients;
 ``rsa``    ``python -m dist_decode.rsa`` table mode on every subject of the cohort (its phenotypes, the run config's
-           variables, two random 16-d spaces) with 1 and 2 MPI ranks: CPU-s per 1,000 permutations.
+           variables, two random 16-d spaces) with 1 and 2 MPI ranks: CPU-s per 1,000 permutations;
+``subset`` pack and the group step again on ``--subset-subjects`` / ``--subset-patients`` of the cohort, on the same
+           grid: their peak RSS against the full cohort's says whether memory grows with N.
 
 Every stage's figures are cached in ``WORK/results/SCALE/STAGE.json``; a re-run skips cached stages (``--redo``
 recomputes some). Cohorts, stores and runs go under ``--work`` (never the repository). The figures go to

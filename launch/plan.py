@@ -323,9 +323,9 @@ def main(argv: list[str] | None = None) -> int:
                        forward_fraction=args.forward_fraction, same_samples=args.same_samples,
                        rsa_ranks=args.rsa_ranks, report_s=args.report_s)
     except (FileNotFoundError, ValueError) as exc:
-        log.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)  # one plain line, as the stage CLIs print theirs
         return 2
+    log.debug("calibration units: %s", cal["units"])
     m = cal["machine"]
     cluster = (f"{args.nodes} node(s) x {args.gpus_per_node} GPUs, {args.gpus_per_fold} GPU(s) per fold"
                if args.gpus_per_fold else f"{args.nodes} CPU node(s) x {args.cpus_per_node} cores, "

@@ -156,14 +156,16 @@ def test_bench_scale_writes_a_calibration_the_planner_reads(tmp_path, capsys):
     calf = tmp_path / "calibration.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_scale.py"), "--work", str(tmp_path / "w"), "--scales",
            "tiny", "--synth-args", "--set subjects_per_site=6", "--train-steps", "3", "--train-batch", "2",
-           "--syn-pairs", "1", "--rsa-permutations", "40", "--calibration", str(calf)]
+           "--syn-pairs", "1", "--rsa-permutations", "40", "--subset-subjects", "12", "--subset-patients", "3",
+           "--calibration", str(calf)]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     cal = cal_contract.read_calibration(calf)
     u = cal["units"]
     assert u["train_grid"] == [29, 35, 29] and u["train_batch_size"] == 2 and u["normalise_s_per_subject"] > 0
     assert u["gpu_s_per_step"]["bf16"] is None  # measured on a CPU: no GPU figure is invented
-    assert set(cal["peak_rss_mb"]["tiny"]) == {"pack", "train", "syn", "group", "rsa"}
+    assert set(cal["peak_rss_mb"]["tiny"]) == {"pack", "train", "syn", "group", "rsa", "pack_subset", "group_subset"}
+    assert cal["scales"]["tiny"]["subset_subjects"] < cal["scales"]["tiny"]["subjects"]
     assert all(v > 0 for v in cal["peak_rss_mb"]["tiny"].values())
     assert cal["stages"]["tiny"]["rsa"]["identical_results"] is True
     for key in ("hostname", "cpu_model", "cores", "memory_gb", "torch", "date_utc"):
