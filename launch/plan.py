@@ -159,6 +159,7 @@ def project(manifest: dict, cfg: RunConfig, cal: dict, folds: list[int], *, node
                                f"{gpu_speedup:g}x one CPU core's ({per_volume * cfg.train.batch_size:.1f} s -> "
                                f"{step:.2f} s at batch {cfg.train.batch_size}, {precision}); set --gpu-step-s "
                                "once benchmarks/gpu_check.sh has measured it")
+        forward = step / cfg.train.batch_size * forward_fraction  # one GPU's forward pass per volume
         if gpus_per_fold > 1:
             step *= 1 + allreduce_overhead
             assumptions.append(f"data parallel over {gpus_per_fold} GPUs: per-rank batch {cfg.train.batch_size}, "
@@ -168,8 +169,6 @@ def project(manifest: dict, cfg: RunConfig, cal: dict, folds: list[int], *, node
             assumptions.append(f"--same-samples: {cfg.train.steps} steps / {gpus_per_fold} GPUs = {steps} steps")
         concurrent = (gpus_per_node // gpus_per_fold) * nodes if gpus_per_fold <= gpus_per_node else \
             nodes // math.ceil(gpus_per_fold / gpus_per_node)
-        forward = per_volume * forward_fraction / gpu_speedup if gpu_step_s is None else \
-            gpu_step_s / cfg.train.batch_size * forward_fraction
     else:
         speed = max(1.0, cpus_per_task * cpu_thread_efficiency)
         step = per_volume * cfg.train.batch_size / speed
@@ -203,7 +202,7 @@ def project(manifest: dict, cfg: RunConfig, cal: dict, folds: list[int], *, node
                             min(len(folds), concurrent) * max(1, gpus_per_fold),
                             f"{waves} wave(s) of {min(len(folds), concurrent)} concurrent folds"))
 
-    # maps: subject maps sharded over every core, then the group tests in one job
+    # maps: subject maps sharded over every core, then one group test per held-out site, side by side
     mc = cfg.maps
     samples = mc.n_samples if mc.use_samples else 1
     n_patients = sum(patients[s] for s in held)

@@ -88,6 +88,7 @@ def test_measured_gpu_step_replaces_the_assumption_and_cpu_cluster_uses_threads(
     gpu = project(man, cfg, cal, [0, 1, 2, 3], **{**CLUSTER, "gpus_per_fold": 1}, gpu_step_s=0.5)
     step = {s.name: s for s in gpu.stages}["train (one fold)"]
     assert "100 steps x 0.5 s" in step.note
+    assert step.wall_s == pytest.approx(90 + 100 * 0.5 + 80 * 0.5 / 4 * 0.25)  # export: the measured step's forward
     assert not any("NO GPU FIGURE" in a for a in gpu.assumptions)
     # CPU-only: bf16 per volume 4 s x batch 4 / (4 threads x 0.5) = 8 s per step; 10 cores // 4 = 2 folds per node
     cpu = project(man, cfg, cal, [0, 1, 2, 3], **{**CLUSTER, "gpus_per_fold": 0})
