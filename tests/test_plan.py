@@ -163,7 +163,8 @@ def test_bench_scale_writes_a_calibration_the_planner_reads(tmp_path, capsys):
     assert res.returncode == 0, res.stderr[-3000:]
     cal = cal_contract.read_calibration(calf)
     u = cal["units"]
-    assert u["train_grid"] == [29, 35, 29] and u["train_batch_size"] == 2 and u["normalise_s_per_subject"] > 0
+    assert u["train_grid"] == [29, 35, 29] and u["train_batch_size"] == 2
+    assert u["normalise_s_per_subject"] is not None  # parsed from the trainer's log (0.1 s resolution: 0.0 at 6 mm)
     assert u["gpu_s_per_step"]["bf16"] is None  # measured on a CPU: no GPU figure is invented
     assert set(cal["peak_rss_mb"]["tiny"]) == {"pack", "train", "syn", "group", "rsa", "pack_subset", "group_subset"}
     assert cal["scales"]["tiny"]["subset_subjects"] < cal["scales"]["tiny"]["subjects"]
