@@ -234,3 +234,45 @@ def test_atlas_labels_offline():
     assert "precentral" in nmm.label_at((-38, -22, 56)).lower()
     with pytest.raises(ValueError, match="not a labelled atlas"):
         Atlas.load("harvard_oxford")
+
+
+def test_group_step_streams_subject_maps_and_matches_the_stacked_test(tmp_path):
+    """The maps stage's group step reads one subject map at a time: its result equals the full-stack test, and its
+    peak allocation stays well below one (n, X, Y, Z) stack of the site's maps (it held two before)."""
+    import tracemalloc
+
+    from nibabel.affines import voxel_sizes
+
+    from dist_decode.fsutil import save_nifti
+    from dist_decode.maps.group import site_group_test, smooth_maps
+    from dist_decode.maps.pipeline import site_test_input
+
+    rng = np.random.default_rng(3)
+    n, shape = 40, (30, 36, 30)
+    mask = np.zeros(shape, bool)
+    mask[8:22, 9:27, 8:22] = True
+    maps = {w: rng.normal(0, 0.03, (n,) + shape).astype(np.float32) * mask for w in ("effect", "deviation")}
+    maps["deviation"][:, 10:16, 12:18, 10:16] -= 0.04
+    paths = {w: [tmp_path / f"p{i}_{w}.nii.gz" for i in range(n)] for w in maps}
+    for w, files in paths.items():
+        for f, m in zip(files, maps[w]):
+            save_nifti(f, m, AFFINE)
+    stack = {w: smooth_maps(maps[w], 6.0, voxel_sizes(AFFINE)) for w in maps}
+
+    tracemalloc.start()
+    x, means = site_test_input(paths, "deviation", mask, 6.0, AFFINE)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # the (n, mask voxels) matrix plus a fixed number of volumes; one float32 stack of the maps is 10 MB here
+    assert peak < x.nbytes + 12 * np.prod(shape) * 8 < n * np.prod(shape) * 4
+    np.testing.assert_allclose(x, stack["deviation"][:, mask].astype(np.float64), rtol=0, atol=0)
+    for w in maps:
+        np.testing.assert_allclose(means[w], stack[w].mean(axis=0), rtol=1e-5, atol=1e-7)
+
+    streamed = site_group_test(x, mask, "fwe", 0.05, 200, np.random.default_rng(1))
+    stacked = site_group_map(stack["deviation"], mask, "fwe", 0.05, 200, np.random.default_rng(1))
+    for field in ("t", "p", "binary", "signed"):
+        np.testing.assert_array_equal(getattr(streamed, field), getattr(stacked, field))
+    assert streamed.info == stacked.info and streamed.info["n_significant"] > 0
+    with pytest.raises(ValueError, match="do not match the mask"):
+        site_group_test(x[:, :-1], mask)

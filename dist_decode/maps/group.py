@@ -120,7 +120,7 @@ def signflip_maxt(data: np.ndarray, permutations: int, rng: np.random.Generator,
         ``2**n <= permutations`` all sign patterns are enumerated once (exact test).
     """
     n = data.shape[0]
-    data = data.astype(np.float64)
+    data = np.asarray(data, dtype=np.float64)  # no copy of a float64 matrix (the maps stage passes one)
     ss = (data ** 2).sum(axis=0)
     if 2 ** n <= permutations:
         # Few subjects: enumerate every sign pattern (an exact test) instead of sampling.
@@ -180,20 +180,36 @@ def site_group_map(logj: np.ndarray, mask: np.ndarray, method: str = "fdr", leve
     mask = np.asarray(mask) > 0
     if logj.ndim != 4 or logj.shape[1:] != mask.shape:
         raise ValueError(f"log J stack {logj.shape} does not match mask {mask.shape}")
-    n = logj.shape[0]
+    return site_group_test(logj[:, mask], mask, method, level, permutations, rng, variance_fwhm_mm, voxel_mm)
+
+
+def site_group_test(x: np.ndarray, mask: np.ndarray, method: str = "fdr", level: float = 0.05,
+                    permutations: int = 1000, rng: np.random.Generator | None = None,
+                    variance_fwhm_mm: float = 0.0, voxel_mm=(1.0, 1.0, 1.0)) -> GroupMap:
+    """:func:`site_group_map` on the in-mask values only: ``x`` (n, V) holds each patient's map at the ``mask``
+    voxels (in ``np.flatnonzero`` order).
+
+    The maps stage builds ``x`` one subject map at a time (:func:`dist_decode.maps.pipeline.site_test_input`), so
+    its memory is one (n, V) float64 matrix (the sign-flip test needs every patient's values at once) instead of
+    full-grid stacks. Same parameters, errors and result as :func:`site_group_map`.
+    """
+    mask = np.asarray(mask) > 0
+    # one float64 copy serves the t statistic and the permutations (no copy when x is float64 already)
+    xd = np.asarray(x, dtype=np.float64)
+    if xd.ndim != 2 or xd.shape[1] != int(mask.sum()):
+        raise ValueError(f"in-mask values {xd.shape} do not match the mask's {int(mask.sum())} voxels")
+    n = xd.shape[0]
     if n < 3:
         raise ValueError(f"a one-sample test needs at least 3 patients, got {n}")
     if method not in ("fdr", "fwe"):
         raise ValueError(f"unknown threshold method {method!r}; use 'fdr' or 'fwe'")
     if not 0 < level < 1:
         raise ValueError(f"threshold level must lie in (0, 1), got {level}")
-    x = logj[:, mask]
-    mean, t = one_sample_t(x.astype(np.float64))
+    mean, t = one_sample_t(xd)
     info: dict = {"method": method, "level": level, "n": n, "voxels_tested": int(mask.sum())}
     smoother = None
     if method == "fwe" and variance_fwhm_mm > 0:
         smoother = VarianceSmoother(mask, variance_fwhm_mm, voxel_mm)
-        xd = x.astype(np.float64)
         t = _t(mean[None], xd.var(axis=0, ddof=1)[None], n, smoother)[0]
         info["variance_smoothing_mm"] = float(variance_fwhm_mm)
     if method == "fdr":
@@ -207,7 +223,7 @@ def site_group_map(logj: np.ndarray, mask: np.ndarray, method: str = "fdr", leve
         if 2 ** n < 40:
             # With so few sign patterns the smallest attainable p-value is 2 / 2**n (t and -t tie in |t|).
             info["warning"] = f"only {2 ** n} sign patterns with n={n}; the smallest FWE p is {2 / 2 ** n:.3g}"
-        null = signflip_maxt(x, permutations, rng, smoother=smoother)
+        null = signflip_maxt(xd, permutations, rng, smoother=smoother)
         b = null.size
         tcut = float(np.quantile(null, 1.0 - level, method="higher"))
         # The null holds the identity flip, so #(null >= |t|) / B is a valid p-value (never 0).
