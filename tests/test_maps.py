@@ -95,15 +95,20 @@ def test_one_sample_t_matches_scipy():
     np.testing.assert_allclose(t, stats.ttest_1samp(x, 0).statistic)
 
 
-def _planted_stack(n=16, seed=0, effect=-0.07, noise=0.03):
-    """log J stack: noise everywhere plus a planted atrophy block; returns stack, mask, truth."""
+def _planted_stack(n=16, seed=0, effect=-0.07, noise=0.03, noise_sigma_vox=0.0):
+    """log J stack: noise everywhere (white, or Gaussian-smoothed with ``noise_sigma_vox`` like real maps) plus a
+    planted atrophy block; returns stack, mask, truth."""
     rng = np.random.default_rng(seed)
     shape = (20, 22, 18)
     mask = np.zeros(shape, bool)
     mask[2:-2, 2:-2, 2:-2] = True
     truth = np.zeros(shape, bool)
     truth[5:10, 6:11, 5:9] = True
-    x = rng.normal(0, noise, size=(n,) + shape).astype(np.float32)
+    if noise_sigma_vox > 0:
+        x = np.stack([ndimage.gaussian_filter(rng.normal(size=shape), noise_sigma_vox) for _ in range(n)])
+        x = (x / x[:, mask].std() * noise).astype(np.float32)
+    else:
+        x = rng.normal(0, noise, size=(n,) + shape).astype(np.float32)
     x[:, truth] += effect
     return x, mask, truth
 
@@ -131,32 +136,18 @@ def test_fwe_controls_family_wise_error_under_null():
     assert hits <= 4
 
 
-def _smooth_noise_stack(n, seed, effect, noise=0.03):
-    """Spatially smooth noise (like real deviation maps) plus a planted block; voxels of 2 mm."""
-    rng = np.random.default_rng(seed)
-    shape = (20, 22, 18)
-    mask = np.zeros(shape, bool)
-    mask[2:-2, 2:-2, 2:-2] = True
-    truth = np.zeros(shape, bool)
-    truth[5:10, 6:11, 5:9] = True
-    x = np.stack([ndimage.gaussian_filter(rng.normal(size=shape), 1.0) for _ in range(n)])
-    x = (x / x[:, mask].std() * noise).astype(np.float32)
-    x[:, truth] += effect
-    return x, mask, truth
-
-
 def test_pseudo_t_keeps_fwe_under_the_null_and_finds_what_a_plain_t_misses_with_ten_patients():
     # The default statistic (variance smoothed 8 mm): with 10 patients a plain t's FWE threshold sits near
     # |t| 8.8 (the max over voxels whose variance is small by chance); the pseudo-t's near 4.6.
     hits = 0
     for seed in range(20):
-        x, mask, _ = _smooth_noise_stack(10, 100 + seed, 0.0)
+        x, mask, _ = _planted_stack(10, 100 + seed, 0.0, noise_sigma_vox=1.0)
         gm = site_group_map(x, mask, "fwe", 0.05, permutations=200, rng=np.random.default_rng(seed),
                             variance_fwhm_mm=8.0, voxel_mm=(2.0, 2.0, 2.0))
         hits += gm.info["n_significant"] > 0
     assert hits <= 4
     for seed in range(2):
-        x, mask, truth = _smooth_noise_stack(10, seed, -0.06)
+        x, mask, truth = _planted_stack(10, seed, -0.06, noise_sigma_vox=1.0)
         found = {}
         for fwhm in (0.0, 8.0):
             gm = site_group_map(x, mask, "fwe", 0.05, permutations=500, rng=np.random.default_rng(seed),
