@@ -52,6 +52,8 @@ PROPORTIONAL = ("tiv", "gm", "none")
 SITE_REFERENCES = ("all", "controls")
 #: Fewest controls a site's reference statistics are taken from; below it, all the site's subjects.
 MIN_REFERENCE = 3
+#: A spread of the sites' patient shares above which ``site_reference="all"`` is warned about.
+UNEVEN_SHARE = 0.3
 #: Positive floor of a site mean (density units) when turning decoded volumes into a density ratio.
 DENSITY_FLOOR = 1e-3
 
@@ -103,6 +105,14 @@ def reference_subjects(store, settings: NormaliseSettings, site_index: np.ndarra
     """
     everyone = np.ones(len(site_index), bool)
     if settings.site_reference == "all":
+        if settings.site_center or settings.site_gain:
+            share = [float(np.mean(np.asarray(store.is_patient, bool)[site_index == k]))
+                     for k in range(n_sites) if (site_index == k).any()]
+            if share and max(share) - min(share) > UNEVEN_SHARE:
+                log.warning("the sites' shares of patients range from %.0f %% to %.0f %%: centring each site on all "
+                            "its subjects removes more of the patients' effect where they are many; consider "
+                            "data.site_reference=controls (docs/science.md, the unbalanced cohort)",
+                            100 * min(share), 100 * max(share))
         return everyone, []
     controls = ~np.asarray(store.is_patient, bool)
     fallback = []

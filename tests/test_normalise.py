@@ -92,6 +92,22 @@ def test_controls_as_each_sites_reference_and_the_fallback_for_a_site_with_too_f
         Normaliser.compute(store, NormaliseSettings(site_reference="patients"), progress=False)
 
 
+def test_uneven_patient_shares_under_all_subjects_centring_are_warned_about(tiny_store, monkeypatch, caplog):
+    store = Store.open(tiny_store)  # about half patients at every site: nothing to warn about
+    sz, site = np.asarray(store.is_patient, bool), np.asarray(store.site_of).astype(str)
+    share = [100 * sz[site == s].mean() for s in store.sites]
+    with caplog.at_level("WARNING", logger="dist_decode.normalise"):
+        Normaliser.compute(store, NormaliseSettings(), progress=False)
+    assert "shares of patients" not in caplog.text
+    monkeypatch.setattr(normalise, "UNEVEN_SHARE", -0.01)  # any spread counts
+    with caplog.at_level("WARNING", logger="dist_decode.normalise"):
+        Normaliser.compute(store, NormaliseSettings(), progress=False)
+        assert f"from {min(share):.0f} % to {max(share):.0f} %" in caplog.text and "data.site_reference=controls" in caplog.text
+        caplog.clear()
+        Normaliser.compute(store, NormaliseSettings(site_reference="controls"), progress=False)
+    assert "shares of patients" not in caplog.text
+
+
 def test_gain_removes_a_scanner_scale_and_tiv_scaling_removes_head_size(tiny_store):
     store = Store.open(tiny_store)
     settings = NormaliseSettings(smooth_fwhm_mm=0.0)
