@@ -440,7 +440,7 @@ def build_calibration(results: dict[str, dict[str, dict]], command: str, load_st
         "train_batch_size": train["batch_size"], "train_grid": train["grid"], "train_threads": train["threads"],
         # model build, DeepSpeed start, input scale: the bf16 run, whose normalisation statistics were reused
         "train_s_to_first_step": train["bf16"]["s_to_first_step"],
-        "normalise_s_per_subject": None, "train_model": train["model"],
+        "normalise_s_per_subject": None, "train_model": train["model"], "train_profile": train.get("profile", "gpu"),
         "train_n_parameters": train["n_parameters"],
         "gpu_s_per_step": {"fp32": None, "bf16": None},
         "syn_s_per_registration": syn["s_per_registration"], "syn_grid": syn["grid"],

@@ -30,6 +30,7 @@ Stages run in the launcher's order (pack, the folds in waves, maps and RSA side 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import sys
@@ -141,7 +142,16 @@ def project(manifest: dict, cfg: RunConfig, cal: dict, folds: list[int], *, node
     stages.append(StagePlan("pack", pack_cpu / pack_procs, 0.0, pack_cpu / 3600, _peak(cal, "pack"), pack_procs,
                             f"{n} subjects, {n * u['store_mb_per_volume'] / 1e3:.1f} GB store"))
 
-    # train: folds in waves; each fold setup + steps + export
+    # train: folds in waves; each fold setup + steps + export. The step was measured for one model (a profile's);
+    # another architecture costs differently per voxel, which grid and batch scaling cannot express.
+    calibrated = profile_config(u.get("train_profile", "gpu")).model
+    if cfg.model != calibrated:
+        differ = sorted(f.name for f in dataclasses.fields(cfg.model)
+                        if getattr(cfg.model, f.name) != getattr(calibrated, f.name))
+        assumptions.append(f"THE TRAINING STEP WAS CALIBRATED FOR ANOTHER MODEL (the {u.get('train_profile', 'gpu')} "
+                           f"profile's, {u.get('train_n_parameters', 0):,} parameters); this config differs in "
+                           f"model.{', model.'.join(differ)}: the train rows scale that step by grid and batch only "
+                           "and may be far off (calibrate this model: benchmarks/bench_scale.py, docs/scale.md)")
     cpu_s = u["train_s_per_step"].get(precision) or u["train_s_per_step"]["fp32"]
     per_volume = cpu_s / u["train_batch_size"] * _voxels(model_grid) / _voxels(u["train_grid"])
     steps = cfg.train.steps

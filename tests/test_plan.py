@@ -100,6 +100,20 @@ def test_measured_gpu_step_replaces_the_assumption_and_cpu_cluster_uses_threads(
     assert cpu.dominant == "train (4 folds)"
 
 
+def test_a_model_other_than_the_calibrated_one_is_said_plainly():
+    # the calibration's step is the gpu profile's model; the cpu profile's (dense decoder, 6 mm linear encoders)
+    # costs far less per voxel: the plan must not pass the scaled figure off as a projection for it
+    man, cal = made_up_manifest(), made_up_calibration()
+    same = project(man, profile_config("gpu", SETTINGS), cal, [0, 1], **{**CLUSTER, "gpus_per_fold": 0})
+    assert not any("ANOTHER MODEL" in a for a in same.assumptions)
+    other = project(man, profile_config("cpu", SETTINGS), cal, [0, 1], **{**CLUSTER, "gpus_per_fold": 0})
+    said = [a for a in other.assumptions if "ANOTHER MODEL" in a]
+    assert len(said) == 1 and "model.decoder" in said[0] and "model.encoder_voxel_mm" in said[0]
+    cal["units"]["train_profile"] = "cpu"  # a calibration of the cpu profile's model fits it, not the gpu one
+    assert not any("ANOTHER MODEL" in a for a in project(man, profile_config("cpu", SETTINGS), cal, [0, 1],
+                                                         **{**CLUSTER, "gpus_per_fold": 0}).assumptions)
+
+
 def _write(tmp_path: Path, cal: dict | None = None, manifest: dict | None = None) -> tuple[Path, Path]:
     store = tmp_path / "store"
     store.mkdir(exist_ok=True)
