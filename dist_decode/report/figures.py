@@ -104,15 +104,22 @@ def models_figure(rows: list[dict]) -> bytes | None:
     a1.set_xticks(x, names, rotation=30)
     a1.set_ylabel("recon MSE")
     a1.legend(fontsize=7)
-    a2.bar(x - 0.2, [val(r, "auc_s_transfer") for r in done], 0.4, color="#c0392b", label="S")
-    a2.bar(x + 0.2, [val(r, "auc_c_transfer") for r in done], 0.4, color="#2c7fb8", label="C")
-    a2.axhline(0.5, color="black", lw=0.8, ls=":")
-    a2.set_xticks(x, names, rotation=30)
-    a2.set_ylim(0, 1)
-    a2.set_ylabel("SZ vs HC AUC (from training sites)")
-    a2.legend(fontsize=8)
+    _auc_panel(a2, names, [val(r, "auc_s_transfer") for r in done], [val(r, "auc_c_transfer") for r in done],
+               "SZ vs HC AUC (from training sites)")
     fig.suptitle("Per fold model, on the new cohort")
     return _png(fig)
+
+
+def _auc_panel(ax, labels: Sequence[str], auc_s: Sequence[float], auc_c: Sequence[float], ylabel: str) -> None:
+    """S (red) and C (blue) diagnosis AUC bars side by side per label, chance at 0.5 dotted."""
+    x = np.arange(len(labels))
+    ax.bar(x - 0.2, auc_s, 0.4, color="#c0392b", label="S")
+    ax.bar(x + 0.2, auc_c, 0.4, color="#2c7fb8", label="C")
+    ax.axhline(0.5, color="black", lw=0.8, ls=":")
+    ax.set_xticks(x, labels, rotation=30)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
 
 
 def dice_figure(sites: Sequence[str], matrix: np.ndarray) -> bytes:
@@ -143,16 +150,9 @@ def folds_figure(folds: list[dict]) -> bytes | None:
     a1.bar(sites, [f.get("recon_error_test") or 0 for f in done], color="#7f7f7f")
     a1.set_ylabel("held-out recon MSE")
     a1.tick_params(axis="x", rotation=30)
-    x = np.arange(len(sites))
-    a2.bar(x - 0.2, [f.get("auc_s") if f.get("auc_s") is not None else np.nan for f in done], 0.4,
-           color="#c0392b", label="S")
-    a2.bar(x + 0.2, [f.get("auc_c") if f.get("auc_c") is not None else np.nan for f in done], 0.4,
-           color="#2c7fb8", label="C")
-    a2.axhline(0.5, color="black", lw=0.8, ls=":")
-    a2.set_xticks(x, sites, rotation=30)
-    a2.set_ylim(0, 1)
-    a2.set_ylabel("SZ vs HC AUC (CV)")
-    a2.legend(fontsize=8)
+    nan = lambda v: np.nan if v is None else v  # noqa: E731
+    _auc_panel(a2, sites, [nan(f.get("auc_s")) for f in done], [nan(f.get("auc_c")) for f in done],
+               "SZ vs HC AUC (CV)")
     fig.suptitle("Per fold (held-out site)")
     return _png(fig)
 
