@@ -19,12 +19,13 @@ from. Unfinished folders left by a rank killed while saving (newer than ``latest
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -109,6 +110,18 @@ def intact_tag(ckpt_dir: Path) -> str | None:
     raise RuntimeError(f"{ckpt_dir}: every checkpoint is damaged; remove the folder to train this fold from scratch")
 
 
+@contextlib.contextmanager
+def _discarded_if_disk_full(ckpt_dir: Path, tag: str) -> Iterator[None]:
+    """Writes of checkpoint ``tag``: a full disk raises :class:`DiskFull` naming it, after its unfinished folder is
+    removed (the other ranks fail with it: srun --kill-on-bad-exit, a lost peer)."""
+    try:
+        with disk_full_errors(ckpt_dir / tag, "the checkpoint"):
+            yield
+    except DiskFull:
+        discard_unfinished(ckpt_dir, tag)
+        raise
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -142,24 +155,16 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank: 
     ckpt_dir = Path(ckpt_dir)
     tag = tag_of(step)
     _save_through_python_files(engine)
-    try:
-        with disk_full_errors(ckpt_dir / tag, "the checkpoint"):
-            engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(client_state, step=step),
-                                   save_latest=False)
-            with open(ckpt_dir / tag / f"rng_rank{rank}.pt", "wb") as fh:
-                torch.save(_rng_state(), fh)
-    except DiskFull:
-        discard_unfinished(ckpt_dir, tag)  # the other ranks fail with it (srun --kill-on-bad-exit, lost peer)
-        raise
+    with _discarded_if_disk_full(ckpt_dir, tag):
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(client_state, step=step),
+                               save_latest=False)
+        with open(ckpt_dir / tag / f"rng_rank{rank}.pt", "wb") as fh:
+            torch.save(_rng_state(), fh)
     dist.barrier()
     if rank == 0:
-        try:
-            with disk_full_errors(ckpt_dir / tag, "the checkpoint"):
-                write_checksums(ckpt_dir / tag)
-                atomic_write_text(ckpt_dir / "latest", tag + "\n")
-        except DiskFull:
-            discard_unfinished(ckpt_dir, tag)
-            raise
+        with _discarded_if_disk_full(ckpt_dir, tag):
+            write_checksums(ckpt_dir / tag)
+            atomic_write_text(ckpt_dir / "latest", tag + "\n")
         tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
         for old in tags[: max(0, len(tags) - max(1, keep))]:
             if old != tag:
