@@ -9,6 +9,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,7 +19,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; rename it onto ``path`` only if the block succeeds.
 
     The temporary name keeps the suffix (``.x.h5.tmp-123.h5``) so libraries that look at the
-    extension (nibabel) still recognise the format.
+    extension (nibabel) still recognise the format. A full disk's ``OSError`` that names no file (a write to an
+    open file) is raised again naming ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,6 +29,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS and not exc.filename:  # a write to an open file names no file: name it
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -116,10 +122,27 @@ def disk_full_errors(path: str | os.PathLike, what: str) -> Iterator[None]:
         if not is_disk_full(exc, path):
             raise
         code = _full_errno(exc) or errno.ENOSPC
-        free = free_bytes(path)
+        target = _failed_file(exc) or Path(path)
+        free = free_bytes(target)
         room = f"; {free / 2 ** 20:.1f} MB free on that filesystem" if free is not None else ""
-        raise DiskFull(code, f"disk full: could not write {what} {path} ({os.strerror(code)}{room}); nothing "
+        raise DiskFull(code, f"disk full: could not write {what} {target} ({os.strerror(code)}{room}); nothing "
                              f"half-written was kept: {_ADVICE[code]} and run again") from exc
+
+
+def _failed_file(exc: BaseException) -> Path | None:
+    """The file a failed write was for, when the error (or one it was raised from) names it: the final name for a
+    temporary file of :func:`atomic_path` (``.NAME.tmp-PID...`` -> ``NAME``)."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        name = getattr(e, "filename", None)
+        if isinstance(e, OSError) and isinstance(name, (str, os.PathLike)) and str(name):
+            p = Path(name)
+            m = re.fullmatch(r"\.(.+)\.tmp-\d+.*", p.name)
+            return p.with_name(m.group(1)) if m else p
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

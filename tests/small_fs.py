@@ -69,3 +69,31 @@ def run_on_small_fs(mount: Path, script: str, env: dict[str, str] | None = None,
     mount.mkdir(parents=True, exist_ok=True)
     body = f'set -u\nexport FS="{mount}"\nmount -t tmpfs -o size={SIZE} tmpfs "$FS"\n{_HELPERS}\n{script}\n'
     return subprocess.run([*prefix, "bash", "-c", body], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def full_then_room(tmp_path: Path, setup: str, cmd: str, leave: int = 0, after: str = "") -> dict[str, str]:
+    """A stage command on a full disk, then the same command once the disk has room again.
+
+    In a private tmpfs (``$FS``): ``setup`` (bash: copy the stage's inputs into ``$FS``), ``leave`` bytes free,
+    ``cmd`` (its exit status, stderr and the files it left: every file under ``$FS`` and the temporary names of
+    :func:`dist_decode.fsutil.atomic_path`), ``unfill``, ``cmd`` again, then ``after`` (bash, e.g. copying outputs
+    out of ``$FS``). Returns ``full_rc``, ``full_err``, ``full_files``, ``full_tmp``, ``again_rc``, ``again_err``.
+    """
+    out = tmp_path / "full-then-room"
+    out.mkdir(parents=True, exist_ok=True)
+    res = run_on_small_fs(tmp_path / "fs", f"""
+        {setup}
+        (cd $FS && find . -type f | sort) > {out}/before.files
+        leave {leave}
+        {cmd} > /dev/null 2> {out}/full_err; echo $? > {out}/full_rc
+        (cd $FS && find . -type f ! -name .filler | sort) > {out}/full_files
+        (cd $FS && find . -name '.*.tmp-*' | sort) > {out}/full_tmp
+        unfill
+        {cmd} > /dev/null 2> {out}/again_err; echo $? > {out}/again_rc
+        {after}
+    """, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    got = {name: (out / name).read_text().strip()
+           for name in ("full_rc", "full_err", "full_files", "full_tmp", "again_rc", "again_err", "before.files")}
+    got["new_files"] = "\n".join(sorted(set(got["full_files"].split("\n")) - set(got.pop("before.files").split("\n"))))
+    return got

@@ -220,3 +220,22 @@ def test_cli_errors_are_clear(tmp_path):
     res = subprocess.run([sys.executable, "-m", "dist_decode.maps", "--run-dir", str(tmp_path / "run")],
                          capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 2 and "manifest.json" in res.stderr
+
+
+def test_a_full_disk_in_the_group_step_fails_clearly_and_a_rerun_finishes(tmp_path, store_path):
+    """A real ENOSPC (tests/small_fs.py) while the group step writes the site maps: exit 2 naming the file and the
+    full disk, no traceback, no temporary file, no overlap map; with room again ``--combine`` finishes."""
+    from small_fs import full_then_room
+
+    store = Store.open(store_path)
+    run = make_run(tmp_path / "src", store_path, sites=list(store.sites)[:2], cfg=_cfg(threshold="fdr"))
+    run_maps(run, stage="jacobians", load_model=planted_loader(store_path), progress=False)
+    cmd = f"{sys.executable} -m dist_decode.maps --run-dir $FS/run --combine --no-progress"
+    got = full_then_room(tmp_path, f"cp -r {run} $FS/run", cmd, leave=4096,
+                         after=f"ls $FS/run/maps > {tmp_path}/listing")
+    assert got["full_rc"] == "2", got["full_err"][-2000:]
+    assert f"disk full: could not write the maps {tmp_path / 'fs'}/run/maps/" in got["full_err"], got["full_err"]
+    assert "No space left on device" in got["full_err"] and "Traceback" not in got["full_err"]
+    assert got["full_tmp"] == "" and "overlap.nii.gz" not in got["full_files"]
+    assert got["again_rc"] == "0", got["again_err"][-2000:]
+    assert "overlap.nii.gz" in (tmp_path / "listing").read_text().split()

@@ -258,3 +258,20 @@ def test_report_renders_in_headless_chromium(full_run, tmp_path):
     assert dom.returncode == 0
     assert len(re.findall(r"<img[^>]+src=\"data:image/png;base64,", dom.stdout)) == \
         len(json.loads((full_run / "report" / "report.json").read_text())["figures"])
+
+
+def test_a_full_disk_fails_clearly_and_a_rerun_builds_the_report(full_run, tmp_path):
+    """A real ENOSPC (tests/small_fs.py) while the report of a complete run is written: exit 2 naming the file and
+    the full disk, no traceback, no temporary file, no ``index.html``; with room again the report is built."""
+    from small_fs import full_then_room
+
+    cmd = f"{sys.executable} -m dist_decode.report --run-dir $FS/run"
+    got = full_then_room(tmp_path, f"cp -r {full_run} $FS/run && rm -rf $FS/run/report $FS/run/analysis", cmd,
+                         leave=4096, after=f"ls $FS/run/report > {tmp_path}/listing")
+    assert got["full_rc"] == "2", got["full_err"][-2000:]
+    assert f"disk full: could not write the report (or the analysis it brings up to date) {tmp_path / 'fs'}/run/" \
+        in got["full_err"], got["full_err"]
+    assert "No space left on device" in got["full_err"] and "Traceback" not in got["full_err"]
+    assert got["full_tmp"] == "" and "index.html" not in got["full_files"]
+    assert got["again_rc"] == "0", got["again_err"][-2000:]
+    assert "index.html" in (tmp_path / "listing").read_text().split()

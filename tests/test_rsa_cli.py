@@ -202,3 +202,21 @@ def test_table_mode_errors(table, tmp_path: Path):
                   "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and "have no phenotypes" in res.stderr
     assert not (tmp_path / "o" / "rsa.json").exists()
+
+
+def test_a_full_disk_fails_clearly_and_a_rerun_finishes(table, tmp_path: Path):
+    """A real ENOSPC (a private tmpfs, tests/small_fs.py) while the results are written: exit 2 with an error naming
+    the file and the full disk, no traceback, no temporary file, no ``rsa.json`` (the analysis is not taken for
+    finished); with room again the same command finishes."""
+    from small_fs import full_then_room
+
+    f, p = table
+    cmd = (f"{sys.executable} -m dist_decode.rsa --no-progress --features {f} --phenotypes {p} "
+           f"--variables age:continuous,sex:categorical --out $FS/out --permutations 99")
+    got = full_then_room(tmp_path, "mkdir $FS/out", cmd, after=f"cp -r $FS/out {tmp_path}/out")
+    assert got["full_rc"] == "2", got["full_err"][-2000:]
+    assert f"disk full: could not write the RSA results {tmp_path / 'fs'}/out/" in got["full_err"], got["full_err"]
+    assert "No space left on device" in got["full_err"] and "Traceback" not in got["full_err"]
+    assert got["full_tmp"] == "" and "rsa.json" not in got["full_files"]
+    assert got["again_rc"] == "0", got["again_err"][-2000:]
+    assert len(json.loads((tmp_path / "out" / "rsa.json").read_text())["results"]) == 4

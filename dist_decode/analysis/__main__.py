@@ -20,7 +20,7 @@ from dist_decode.analysis.folds import cohort_summary, fold_rows
 from dist_decode.analysis.recovery import run_recovery
 from dist_decode.cli import setup_logging
 from dist_decode.contracts.run import RunDir
-from dist_decode.fsutil import atomic_write_json
+from dist_decode.fsutil import DiskFull, atomic_write_json, disk_full_errors
 
 log = logging.getLogger("dist_decode.analysis")
 SCHEMA = 1
@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     try:
-        out = analyse(args.run_dir, args.force)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
+        with disk_full_errors(args.run_dir / "analysis", "the analysis"):
+            out = analyse(args.run_dir, args.force)
+    except (FileNotFoundError, ValueError, KeyError, DiskFull) as exc:
         log.error("%s", exc)
         return 2
     rec = out["recovery"]

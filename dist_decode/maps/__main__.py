@@ -14,6 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from dist_decode.cli import setup_logging  # noqa: E402
 from dist_decode.config import override  # noqa: E402
 from dist_decode.contracts.run import RunDir  # noqa: E402
+from dist_decode.fsutil import DiskFull, disk_full_errors  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.combine and args.fold:
             raise ValueError("--combine and --fold exclude each other")
         stage = "group" if args.combine else args.stage
-        result = run_maps(args.run_dir, cfg, workers=args.workers, shard=shard, stage=stage,
-                          force=args.force, progress=not args.no_progress, folds=args.fold)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        with disk_full_errors(Path(args.run_dir) / "maps", "the maps"):
+            result = run_maps(args.run_dir, cfg, workers=args.workers, shard=shard, stage=stage,
+                              force=args.force, progress=not args.no_progress, folds=args.fold)
+    except (FileNotFoundError, ValueError, RuntimeError, DiskFull) as exc:
         log.error("%s", exc)
         return 2
     ov = result.get("overlap")

@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 from dist_decode.cli import setup_logging  # noqa: E402
+from dist_decode.fsutil import DiskFull, disk_full_errors  # noqa: E402
 from dist_decode.report.build import build_report  # noqa: E402
 
 
@@ -34,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     log = logging.getLogger("dist_decode.report")
     try:
-        index = build_report(args.run_dir, force=args.force)
-    except (FileNotFoundError, ValueError) as exc:
+        with disk_full_errors(args.run_dir, "the report (or the analysis it brings up to date)"):
+            index = build_report(args.run_dir, force=args.force)
+    except (FileNotFoundError, ValueError, DiskFull) as exc:
         log.error("%s", exc)
         return 2
     print(index)

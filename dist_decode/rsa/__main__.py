@@ -19,6 +19,7 @@ from dist_decode.cli import setup_logging
 from dist_decode.config import RSAConfig
 from dist_decode.contracts import features as features_contract
 from dist_decode.contracts.run import RunDir
+from dist_decode.fsutil import DiskFull, disk_full_errors
 from dist_decode.rsa import io as rio
 from dist_decode.rsa.analysis import parse_variables, run_loso, run_rsa
 from dist_decode.rsa.permutation import get_comm
@@ -219,12 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         if comm is not None and comm.Get_rank() != 0:
             logging.getLogger().setLevel(logging.WARNING)
         log.info("%d rank(s)%s", ranks, " (MPI)" if comm is not None else " (plain process, no MPI)")
-        if args.run_dir:
-            if args.features:
-                raise ValueError("give either --run-dir or --features, not both")
-            return run_mode(args, comm, ranks)
-        return table_mode(args, comm, ranks)
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
+        if args.run_dir and args.features:
+            raise ValueError("give either --run-dir or --features, not both")
+        out = args.run_dir / "rsa" if args.run_dir else args.out
+        with disk_full_errors(out or Path.cwd(), "the RSA results"):
+            return run_mode(args, comm, ranks) if args.run_dir else table_mode(args, comm, ranks)
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError, DiskFull) as exc:
         print(f"error: {exc}", file=sys.stderr)
         if comm is not None and comm.Get_size() > 1:
             comm.Abort(2)

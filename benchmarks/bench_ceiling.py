@@ -1,0 +1,109 @@
+"""Supervised ceilings of the recovery metrics: what a linear read-out *trained on the truth* reaches per cohort.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_ceiling.py --workdir /tmp/science --cohorts small,weak
+
+The unsupervised model never sees the planted factors. To know whether a miss (say S~specific 0.70 against the goal
+of 0.75) is the method's or the cohort's, this fits, per LOSO fold, a ridge regression (``RidgeCV``, generalised
+cross-validation over ``ALPHAS``) from the run's own normalised inputs (``dist_decode.normalise.model_inputs``: TIV
+scaling, smoothing, per-site gain and centring, exactly what the encoders read, on the store's grid inside its
+mask) to the planted factors of the training sites' subjects:
+
+* *specific*: trained on the training sites' patients, to their planted ``specific_*`` severities;
+* *common*: trained on every training-site subject, to the planted ``common_*`` factors and ``age_score``.
+
+It predicts the held-out site's patients and scores the predictions with the same statistic as the recovery
+metrics (:func:`dist_decode.analysis.recovery.rdm_tau`: Kendall tau-a between Euclidean RDMs), mean over folds:
+the ``ridge S~specific`` and ``ridge C~common`` ceilings. The issue's own reference: a supervised ridge reached
+~0.82 on its density cohort. Reads the ``full`` run of each cohort made by ``bench_science.py`` (same workdir);
+writes ``WORKDIR/ceiling.json`` (one entry per cohort and run variant) and prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dist_decode.analysis.recovery import GOALS, read_truth, rdm_tau  # noqa: E402
+from dist_decode.contracts.run import RunDir  # noqa: E402
+from dist_decode.normalise import model_inputs  # noqa: E402
+
+ALPHAS = np.logspace(-1, 6, 29)
+log = logging.getLogger("bench_ceiling")
+
+
+def ridge_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
+    """RidgeCV (GCV over :data:`ALPHAS`) on standardised targets; predictions for ``x_test``."""
+    from sklearn.linear_model import RidgeCV
+
+    mu, sd = y_train.mean(0), y_train.std(0) + 1e-12
+    model = RidgeCV(alphas=ALPHAS).fit(x_train, (y_train - mu) / sd)
+    return model.predict(x_test).reshape(len(x_test), -1)
+
+
+def cohort_ceiling(run_path: Path) -> dict:
+    """Per-fold and mean ridge ceilings of one run (see the module docstring)."""
+    run = RunDir(run_path)
+    cfg = run.config()
+    store = run.store()
+    truth = read_truth(store.ground_truth)
+    pos = {p: i for i, p in enumerate(truth["participant_id"])}
+    pids = [str(p) for p in store.participant_ids]
+    keep = np.array([p in pos for p in pids])
+    rows = np.flatnonzero(keep)
+    t_rows = np.array([pos[pids[r]] for r in rows])
+    spec, com = truth["specific"][t_rows], truth["common"][t_rows]
+    patient = np.asarray(store.is_patient, bool)[rows]
+    site = np.asarray(store.site_of)[rows]
+    mask = np.asarray(store.mask, bool)
+    x = model_inputs(run_path, store, cfg, rows).numpy()[:, 0][:, mask]
+    folds = []
+    for held in run.folds():
+        test, train = site == held, site != held
+        tp, trp = test & patient, train & patient
+        pred_s = ridge_predict(x[trp], spec[trp], x[tp])
+        pred_c = ridge_predict(x[train], com[train], x[tp])
+        folds.append({"site": held, "n_patients": int(tp.sum()),
+                      "ridge S~specific": rdm_tau(pred_s, spec[tp]), "ridge C~common": rdm_tau(pred_c, com[tp])})
+        log.info("%s: %s", held, folds[-1])
+    mean = {k: float(np.mean([f[k] for f in folds if f[k] is not None]))
+            for k in ("ridge S~specific", "ridge C~common")}
+    return {"run": str(run_path), "voxels": int(mask.sum()), "folds": folds, **mean}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", type=Path, required=True, help="bench_science.py's workdir")
+    ap.add_argument("--cohorts", required=True, help="comma-separated cohorts with a full run in WORKDIR/runs")
+    ap.add_argument("--variant", default="full", help="which run of each cohort supplies the normalised inputs")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    out = args.workdir / "ceiling.json"
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    science = json.loads((args.workdir / "science.json").read_text())
+    for cohort in [c.strip() for c in args.cohorts.split(",") if c.strip()]:
+        run = args.workdir / "runs" / cohort / args.variant.replace(" ", "-")
+        if not (run / "config.json").is_file():
+            ap.error(f"{run}: no run (make it with bench_science.py --cohorts {cohort} --variants {args.variant!r})")
+        results[f"{cohort} / {args.variant}"] = {"cohort": cohort, "variant": args.variant, **cohort_ceiling(run)}
+        out.write_text(json.dumps(results, indent=1))
+    print("| cohort | inputs of the run | model S~specific | ridge S~specific | model C~common | ridge C~common |")
+    print("|---|---|---|---|---|---|")
+    for r in results.values():
+        got = next((s["metrics"] for s in science if s["cohort"] == r["cohort"] and s["variant"] == r["variant"]
+                    and s.get("folds", "all") == "all"), {})
+        print(f"| {r['cohort']} | {r['variant']} | {got.get('S~specific', float('nan')):.2f} | "
+              f"{r['ridge S~specific']:.2f} | {got.get('C~common', float('nan')):.2f} | {r['ridge C~common']:.2f} |")
+    print(f"(goals: S~specific >= {GOALS['S~specific'][1]}, C~common >= {GOALS['C~common'][1]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
