@@ -42,8 +42,8 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
                               []),
     "encoders at the data grid": ("model.encoder_voxel_mm 0 (the encoders see the data grid, not 6 mm)",
                                   ["model.encoder_voxel_mm=0"], []),
-    "controls as site reference": ("data.site_reference controls (site gain and mean from the site's controls)",
-                                   ['data.site_reference="controls"'], []),
+    "site reference: all subjects": ("data.site_reference all: each site's gain and mean from all its subjects "
+                                     "(the default until 2026-12-02)", ['data.site_reference="all"'], []),
     "nonlinear encoders": ("model.encoder nonlinear (GroupNorm + SiLU)", ['model.encoder="nonlinear"'], []),
     "fixed noise": ("loss.noise fixed (summed squared error, the old recon term)", ['loss.noise="fixed"'], []),
     "no control-S penalty": ("loss.control_s_weight 0", ["loss.control_s_weight=0"], []),
@@ -59,6 +59,10 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
     "maps: plain t": ("maps.variance_smoothing_mm 0 (a plain t instead of the SnPM pseudo-t)", None,
                       ["maps.variance_smoothing_mm=0"]),
     "noise scale 1": ("loss.noise_scale 1 (the median eigenvalue itself)", ["loss.noise_scale=1"], []),
+    "noise scale 0.25": ("loss.noise_scale 0.25 (less posterior shrinkage of weak factors)", ["loss.noise_scale=0.25"],
+                         []),
+    "weight decay 1": ("train.weight_decay 1 (AdamW: the encoders' read-out regularised, as a ridge is)",
+                       ["train.weight_decay=1.0"], []),
     "plain VAE": ("model.name vae: one encoder, same blocks and size (its one space is shown as C and as S)",
                   ['model.name="vae"', 'loss.match_c="none"', "loss.control_s_weight=0"], []),
     "anchor 2022": ("the published CVAE at 64^3 on raw volumes, 20 steps (15 s per step on one core: ~2x the CPU "

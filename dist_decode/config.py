@@ -48,12 +48,13 @@ class DataConfig:
         data (no labels), so it also applies to a held-out or new site.
     site_center : bool
         Subtract each site's voxelwise mean (after the gain), from the site's own data.
-    site_reference : {"all", "controls"}
-        Which of a site's subjects its gain and mean come from. ``all``: every subject (no labels). ``controls``:
-        the site's controls (its healthy reference, as normative models adapt to a new site), so a site's share of
-        patients does not change what centring removes: with ``all``, a site of 70 % patients loses most of the
-        mean patient effect and one of 30 % little (docs/science.md, the *unbalanced* cohort). A site with fewer
-        than 3 controls falls back to all its subjects (logged and recorded in ``normalisation.h5``).
+    site_reference : {"controls", "all"}
+        Which of a site's subjects its gain and mean come from. ``controls`` (default): the site's controls (its
+        healthy reference, as normative models adapt to a new site), so a site's share of patients does not change
+        what centring removes: with ``all`` (every subject, no labels), a site of 70 % patients loses most of the
+        mean patient effect and one of 30 % little (docs/science.md, the *unbalanced* cohort; ``controls`` raised
+        S~specific on all seven planted cohorts). A site with fewer than 3 controls falls back to all its subjects
+        (logged and recorded in ``normalisation.h5``).
     cache : {"auto", "memory", "none"}
         Keep the fold's normalised volumes in memory (computed once) instead of normalising every batch;
         ``auto`` caches when they take less than 2 GiB.
@@ -66,7 +67,7 @@ class DataConfig:
     smooth_fwhm_mm: float = 8.0
     site_gain: bool = True
     site_center: bool = True
-    site_reference: Literal["all", "controls"] = "all"
+    site_reference: Literal["all", "controls"] = "controls"
     cache: Literal["auto", "memory", "none"] = "auto"
 
     def __post_init__(self) -> None:

@@ -12,9 +12,9 @@ Every volume the models see goes through the same four steps, computed on the st
 
 then divided by one global ``scale`` (the pooled standard deviation inside the brain mask), so the network sees
 unit-variance inputs. Steps 3 and 4 use only each site's own volumes, so they apply to a held-out site and to any
-later subject in exactly the same way: all of them (``site_reference="all"``: no labels), or its controls
-(``"controls"``: the site's healthy reference, so its share of patients does not change what is removed; a site
-with fewer than :data:`MIN_REFERENCE` controls falls back to all its subjects).
+later subject in exactly the same way: its controls (``site_reference="controls"``, the default: the site's healthy
+reference, so its share of patients does not change what is removed; a site with fewer than :data:`MIN_REFERENCE`
+controls falls back to all its subjects), or all of them (``"all"``: no labels).
 
 The statistics are computed in one streaming pass over the store (:meth:`Normaliser.compute`) and kept in
 ``RUN/normalisation.h5`` (:func:`ensure`, under a file lock so concurrent fold jobs compute them once). The
@@ -66,7 +66,7 @@ class NormaliseSettings:
     smooth_fwhm_mm: float = 8.0
     site_gain: bool = True
     site_center: bool = True
-    site_reference: str = "all"
+    site_reference: str = "controls"
 
     @classmethod
     def from_config(cls, data_cfg) -> "NormaliseSettings":

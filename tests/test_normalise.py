@@ -40,7 +40,7 @@ def _reference(store: Store, fwhm: float, controls_only: bool = False) -> dict:
 
 def test_statistics_match_a_direct_computation(tiny_store):
     store = Store.open(tiny_store)
-    norm = Normaliser.compute(store, NormaliseSettings(smooth_fwhm_mm=10.0), progress=False)
+    norm = Normaliser.compute(store, NormaliseSettings(smooth_fwhm_mm=10.0, site_reference="all"), progress=False)
     ref = _reference(store, 10.0)
     assert norm.sites == list(store.sites)
     np.testing.assert_allclose(norm.site_gain, ref["gain"], rtol=1e-6)
@@ -83,7 +83,7 @@ def test_controls_as_each_sites_reference_and_the_fallback_for_a_site_with_too_f
     # too few controls at a site (here: every site, with the bar raised): all its subjects, named and recorded
     monkeypatch.setattr(normalise, "MIN_REFERENCE", 6)
     fell = Normaliser.compute(store, settings, progress=False)
-    every = Normaliser.compute(store, NormaliseSettings(smooth_fwhm_mm=10.0), progress=False)
+    every = Normaliser.compute(store, NormaliseSettings(smooth_fwhm_mm=10.0, site_reference="all"), progress=False)
     assert fell.sites_referenced_on_all == list(store.sites)
     np.testing.assert_allclose(fell.site_mean, every.site_mean, atol=1e-6)
     np.testing.assert_allclose(fell.site_gain, every.site_gain, rtol=1e-9)
@@ -97,11 +97,11 @@ def test_uneven_patient_shares_under_all_subjects_centring_are_warned_about(tiny
     sz, site = np.asarray(store.is_patient, bool), np.asarray(store.site_of).astype(str)
     share = [100 * sz[site == s].mean() for s in store.sites]
     with caplog.at_level("WARNING", logger="dist_decode.normalise"):
-        Normaliser.compute(store, NormaliseSettings(), progress=False)
+        Normaliser.compute(store, NormaliseSettings(site_reference="all"), progress=False)
     assert "shares of patients" not in caplog.text
     monkeypatch.setattr(normalise, "UNEVEN_SHARE", -0.01)  # any spread counts
     with caplog.at_level("WARNING", logger="dist_decode.normalise"):
-        Normaliser.compute(store, NormaliseSettings(), progress=False)
+        Normaliser.compute(store, NormaliseSettings(site_reference="all"), progress=False)
         assert f"from {min(share):.0f} % to {max(share):.0f} %" in caplog.text and "data.site_reference=controls" in caplog.text
         caplog.clear()
         Normaliser.compute(store, NormaliseSettings(site_reference="controls"), progress=False)
@@ -218,3 +218,12 @@ def test_a_full_disk_while_saving_fails_clearly_without_a_crash(tiny_store, tmp_
     assert lines[0].startswith(f"disk full: could not write the normalisation statistics {tmp_path / 'fs'}/n.h5 "
                                "(No space left on device"), res.stdout + res.stderr[-2000:]
     assert lines[1:] == ["rc=0", ""], res.stdout + res.stderr[-2000:]  # and nothing left in $FS
+
+
+def test_the_default_site_reference_is_the_controls_in_the_config_and_in_the_settings():
+    """docs/science.md: the controls as each site's reference raised S~specific on every planted cohort."""
+    from dist_decode.config import RunConfig, profile_config
+
+    assert NormaliseSettings().site_reference == "controls"
+    for cfg in (RunConfig(), profile_config("cpu"), profile_config("gpu")):
+        assert NormaliseSettings.from_config(cfg.data) == NormaliseSettings()

@@ -11,7 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
+from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ)  # conftest.py sets the threads and DeepSpeed variables
@@ -48,13 +51,23 @@ def test_small_planted_cohort_is_recovered(tmp_path):
     # find it: 0.77 here when written, 0.73-0.85 on the 8-site planted cohorts of docs/science.md
     assert rec["maps"]["corr_mean_effect_vs_planted"] > 0.5
     assert value["maps Dice"] > 0.4 and value["maps flagged / planted"] < 3
-    # what the sites flag is mostly loss: the planted effect is a contraction, and in a modulated map the tissue
-    # it moves raises the density in a thin ring around it (15 % of the kept voxels when written); a gain blob
-    # as large as the loss would be a regression
-    kept = [json.loads((run / "maps" / "sites" / site / "group.json").read_text())
-            for site in json.loads((run / "maps" / "maps.json").read_text())["sites"]]
+    # what the sites flag is mostly loss, and their gains are the planted contraction's own ring: in a modulated
+    # map the tissue a contraction moves raises the density around it (the planted log J is positive there). With
+    # each site centred on its controls (the default) the sites find that ring: 39 % of the kept voxels are gains
+    # when written, 90 % of them within 4 voxels of the planted region where the planted log J > 0. A gain blob
+    # elsewhere, or one as large as the loss, would be a regression
+    sites = json.loads((run / "maps" / "maps.json").read_text())["sites"]
+    kept = [json.loads((run / "maps" / "sites" / site / "group.json").read_text()) for site in sites]
     n_pos, n_kept = sum(g["n_kept_positive"] for g in kept), sum(g["n_kept"] for g in kept)
-    assert n_pos <= max(10, 0.3 * n_kept), (n_pos, n_kept)
+    assert n_pos <= max(10, 0.5 * n_kept), (n_pos, n_kept)
+    gt = cohort / "ground_truth"
+    planted = np.asarray(nib.load(str(gt / "specific_effect.nii.gz")).dataobj, float)
+    near = ndimage.distance_transform_edt(np.asarray(nib.load(str(gt / "specific_regions.nii.gz")).dataobj) == 0) <= 4
+    gains = np.stack([np.asarray(nib.load(str(run / "maps" / "sites" / s / "signed.nii.gz")).dataobj) > 0
+                      for s in sites])
+    assert gains.shape[1:] == planted.shape
+    in_ring = (gains & near & (planted > 0)).sum()
+    assert in_ring >= 0.75 * gains.sum(), (int(in_ring), int(gains.sum()))
     # the report shows the same numbers beside their goals
     report = json.loads((run / "report" / "report.json").read_text())
     assert {g["metric"]: g["value"] for g in report["recovery"]["goals"]} == value
