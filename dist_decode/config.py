@@ -470,10 +470,24 @@ class RunConfig:
             text = Path(path_or_text).read_text()
         return cls.from_dict(json.loads(text))
 
+    @classmethod
+    def from_saved(cls, path: str | os.PathLike) -> "RunConfig":
+        """A ``config.json`` that a run wrote (complete when written): a field it lacks is one added since, and it
+        gets the value that was in effect then (:data:`SAVED_BEFORE_FIELD`), not today's default."""
+        data = json.loads(Path(path).read_text())
+        for (section, name), value in SAVED_BEFORE_FIELD.items():
+            if isinstance(data.get(section), dict) and name not in data[section]:
+                data[section][name] = value
+        return cls.from_dict(data)
+
     def replace(self, **sections: Any) -> "RunConfig":
         """Return a copy with whole sections or top-level fields replaced."""
         return dataclasses.replace(self, **sections)
 
+
+#: Fields added with a default that differs from what runs did before them: (section, field) -> the behaviour of
+#: a run whose saved config predates the field (:meth:`RunConfig.from_saved`).
+SAVED_BEFORE_FIELD: dict[tuple[str, str], Any] = {("data", "site_reference"): "all"}
 
 #: Named settings on top of the defaults. ``gpu`` is the default (full CAT12 grid, convolutional decoder);
 #: ``cpu`` is the documented choice for cohorts at 3-4 mm on CPU: encoders on a 6 mm resampling, a dense decoder

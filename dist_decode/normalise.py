@@ -360,7 +360,8 @@ class Normaliser:
             with h5py.File(path, "r") as f:
                 if int(f.attrs.get("schema", -1)) != SCHEMA:
                     raise ValueError(f"{path}: normalisation schema {f.attrs.get('schema')}, expected {SCHEMA}")
-                settings = NormaliseSettings(**json.loads(f.attrs["settings"]))
+                # files from before site_reference existed were centred on all of each site's subjects
+                settings = NormaliseSettings(**{"site_reference": "all", **json.loads(f.attrs["settings"])})
                 return cls(
                     settings=settings, sites=list(json.loads(f.attrs["sites"])),
                     site_mean=f["site_mean"][...] if "site_mean" in f else None,

@@ -227,3 +227,28 @@ def test_the_default_site_reference_is_the_controls_in_the_config_and_in_the_set
     assert NormaliseSettings().site_reference == "controls"
     for cfg in (RunConfig(), profile_config("cpu"), profile_config("gpu")):
         assert NormaliseSettings.from_config(cfg.data) == NormaliseSettings()
+
+
+def test_runs_from_before_the_site_reference_keep_all_subjects_as_reference(tiny_store, tmp_path):
+    """A run's config.json and normalisation.h5 written before data.site_reference existed were centred on all of
+    each site's subjects: read back, they say so (not today's default), so resuming or applying such a run
+    reproduces its inputs instead of refusing or silently changing them."""
+    import h5py
+
+    from dist_decode.config import RunConfig
+    from dist_decode.contracts.run import RunDir
+
+    run = tmp_path / "old_run"
+    run.mkdir()
+    saved = RunConfig().to_dict()
+    del saved["data"]["site_reference"]
+    (run / "config.json").write_text(json.dumps(saved))
+    assert RunDir(run).config().data.site_reference == "all"
+    assert RunConfig.from_dict(saved).data.site_reference == "controls"  # a user's partial config: today's default
+    path = Normaliser.compute(Store.open(tiny_store), NormaliseSettings(site_reference="all"),
+                              progress=False).save(tmp_path / "n.h5")
+    with h5py.File(path, "r+") as f:
+        s = json.loads(f.attrs["settings"])
+        del s["site_reference"]
+        f.attrs["settings"] = json.dumps(s)
+    assert Normaliser.load(path).settings == NormaliseSettings(site_reference="all")

@@ -101,7 +101,7 @@ class RunDir(StageDir):
         if not self.config_path.is_file():
             raise FileNotFoundError(f"{self.config_path}: the run has no config (train at least one fold first)")
         try:
-            return RunConfig.from_json(self.config_path)
+            return RunConfig.from_saved(self.config_path)
         except ValueError as exc:
             raise ValueError(f"{self.config_path}: {exc}") from exc
 

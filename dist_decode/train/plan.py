@@ -59,7 +59,7 @@ def check_fold_config(fold_dir: Path, cfg: RunConfig) -> None:
     f = fold_dir / "config.json"
     if not f.is_file():
         return
-    old = RunConfig.from_json(f)
+    old = RunConfig.from_saved(f)
     diff = [d for d in config_diff(old, cfg) if d.split(".")[0].split(":")[0] in ("seed", "data", "model", "loss",
                                                                                   "train")]
     if diff:
