@@ -59,6 +59,8 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
     "maps: extent at 60 % of the peak": ("maps.extent_fraction 0.6 (each cluster cut at 60 % of its peak, not half)",
                                          None, ["maps.extent_fraction=0.6"]),
     "maps: extent at 70 % of the peak": ("maps.extent_fraction 0.7", None, ["maps.extent_fraction=0.7"]),
+    "maps: unsmoothed extent": ("maps.extent_unsmoothed true (each cluster's half maximum before the inputs' 8 mm "
+                                "smoothing)", None, ["maps.extent_unsmoothed=true"]),
     "maps: plain t": ("maps.variance_smoothing_mm 0 (a plain t instead of the SnPM pseudo-t)", None,
                       ["maps.variance_smoothing_mm=0"]),
     "noise scale 1": ("loss.noise_scale 1 (the median eigenvalue itself)", ["loss.noise_scale=1"], []),

@@ -390,6 +390,13 @@ class MapsConfig:
         half maximum); ``significant`` keeps them all.
     extent_fraction : float
         Fraction of the cluster peak of the ``half_max`` extent.
+    extent_unsmoothed : bool
+        Measure the ``half_max`` extent on the effect before the smoothing the maps went through
+        (``data.smooth_fwhm_mm``, and ``smooth_fwhm_mm`` here): each cluster's width is taken from its
+        half-maximum volume, the smoothing is subtracted in quadrature, and the cut rises from
+        ``extent_fraction`` towards the peak as the cluster is narrower (at most 0.9 of it;
+        :func:`dist_decode.maps.group.half_max_extent`). An 8 mm smoothing otherwise widens a narrow loss to
+        2-3 times its size (docs/science.md, the *density* and *weak* cohorts).
     variance_smoothing_mm : float
         FWHM (mm) of the variance smoothing of the ``fwe`` test (SnPM's pseudo-t; 0 = a plain t). Default 8 mm,
         the inputs' own smoothing (``data.smooth_fwhm_mm``), as SnPM advises. With the 10-15 patients of one
@@ -422,6 +429,7 @@ class MapsConfig:
     test_on: Literal["deviation", "effect"] = "deviation"
     extent: Literal["half_max", "significant"] = "half_max"
     extent_fraction: float = 0.5
+    extent_unsmoothed: bool = False
     variance_smoothing_mm: float = 8.0
 
     def __post_init__(self) -> None:

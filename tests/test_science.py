@@ -147,6 +147,37 @@ def test_half_max_extent_keeps_each_clusters_core():
         half_max_extent(significant, t, effect, 1.5)
 
 
+def test_unsmoothed_extent_finds_a_narrow_effects_own_width_under_smoothing():
+    """A narrow and a broad Gaussian loss, both smoothed with an 8 mm FWHM kernel: the plain half maximum of the
+    smoothed map is much wider than the narrow loss's own half-maximum region; undoing the smoothing in the widths
+    recovers each loss's own region, and changes little for the broad one."""
+    from scipy import ndimage
+
+    voxel = 2.0
+    grid = np.indices((60, 30, 30)).astype(float) * voxel
+    sig_narrow, sig_broad, k = 3.0, 9.0, 8.0 / np.sqrt(8 * np.log(2))  # mm
+    r1 = np.sqrt((grid[0] - 30) ** 2 + (grid[1] - 30) ** 2 + (grid[2] - 30) ** 2)
+    r2 = np.sqrt((grid[0] - 90) ** 2 + (grid[1] - 30) ** 2 + (grid[2] - 30) ** 2)
+    raw = -np.exp(-r1 ** 2 / (2 * sig_narrow ** 2)) - 0.5 * np.exp(-r2 ** 2 / (2 * sig_broad ** 2))
+    effect = ndimage.gaussian_filter(raw, k / voxel)
+    t = effect / np.abs(effect).max() * 50
+    significant = np.abs(t) > 0.5
+    own = [r <= s * np.sqrt(2 * np.log(2)) for r, s in ((r1, sig_narrow), (r2, sig_broad))]  # half max, unsmoothed
+    plain = half_max_extent(significant, t, effect, 0.5)
+    unsmoothed = half_max_extent(significant, t, effect, 0.5, smoothing_fwhm_mm=8.0, voxel_mm=(voxel,) * 3)
+    near = [r1 < 25, r2 < 45]
+
+    def dice(a, b):
+        return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+    assert dice(plain & near[0], own[0]) < 0.6 and (plain & near[0]).sum() > 2.5 * own[0].sum()  # 3x as wide
+    assert dice(plain & near[1], own[1]) > 0.85  # the broad loss is widened a little
+    for region, where in zip(own, near):  # both exact when written (Dice 1.0)
+        assert dice(unsmoothed & where, region) > 0.9, dice(unsmoothed & where, region)
+    # without smoothing to undo, the same as the plain extent
+    np.testing.assert_array_equal(half_max_extent(significant, t, effect, 0.5, 0.0, (voxel,) * 3), plain)
+
+
 def test_recovery_metrics_and_goals():
     rng = np.random.default_rng(6)
     f = rng.normal(size=(20, 2))

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import math
+
 import numpy as np
 import torch
 from scipy import ndimage, stats
@@ -252,13 +254,25 @@ def site_group_test(x: np.ndarray, mask: np.ndarray, method: str = "fdr", level:
     )
 
 
-def half_max_extent(significant: np.ndarray, t: np.ndarray, effect: np.ndarray, fraction: float = 0.5) -> np.ndarray:
+#: Highest cut of an unsmoothed extent: a cluster no wider than the smoothing keeps the top of its peak.
+UNSMOOTHED_MAX_CUT = 0.9
+
+
+def half_max_extent(significant: np.ndarray, t: np.ndarray, effect: np.ndarray, fraction: float = 0.5,
+                    smoothing_fwhm_mm: float = 0.0, voxel_mm=(1.0, 1.0, 1.0)) -> np.ndarray:
     """The part of each significant cluster where the effect reaches ``fraction`` of the cluster's peak.
 
     A test's significant region grows with its power (more patients, a stronger effect); the extent of an
     effect is better described by its width at half maximum. Clusters are the 26-connected components of
     significant voxels with one sign of ``t``; within one, a voxel is kept when its ``effect`` in the cluster's
     direction is at least ``fraction`` times the largest such effect in the cluster.
+
+    With ``smoothing_fwhm_mm`` (the smoothing the maps went through, e.g. the inputs'), the extent is that of the
+    effect *before* the smoothing: a Gaussian effect of width ``s`` smoothed by a Gaussian of width ``k`` has the
+    width ``o = sqrt(s^2 + k^2)``, and its level ``fraction`` of the peak lies, in the smoothed map, at the level
+    ``fraction ** (1 - k^2 / o^2)``. ``o`` is measured per cluster from the volume where its effect is above half
+    its peak (a sphere of radius ``o * sqrt(2 ln 2)``); a narrow effect, widened most by the smoothing, is cut
+    highest (at most :data:`UNSMOOTHED_MAX_CUT`), a broad one at ``fraction`` as without it.
 
     Parameters
     ----------
@@ -269,6 +283,10 @@ def half_max_extent(significant: np.ndarray, t: np.ndarray, effect: np.ndarray, 
         The mean effect map.
     fraction : float
         In (0, 1).
+    smoothing_fwhm_mm : float
+        FWHM (mm) of the smoothing to undo in the widths (0: the extent of the map as it is).
+    voxel_mm : 3 floats
+        Voxel size (mm).
 
     Returns
     -------
@@ -276,6 +294,8 @@ def half_max_extent(significant: np.ndarray, t: np.ndarray, effect: np.ndarray, 
     """
     if not 0 < fraction < 1:
         raise ValueError(f"extent fraction {fraction} must lie in (0, 1)")
+    k2 = (smoothing_fwhm_mm / math.sqrt(8 * math.log(2))) ** 2  # the smoothing's variance (mm^2)
+    voxel_ml = float(np.prod(np.asarray(voxel_mm, float)))
     significant = np.asarray(significant, bool)
     keep = np.zeros(significant.shape, bool)
     for sign in (-1.0, 1.0):
@@ -285,7 +305,13 @@ def half_max_extent(significant: np.ndarray, t: np.ndarray, effect: np.ndarray, 
             continue
         directed = np.asarray(effect, float) * sign
         peak = np.asarray(ndimage.maximum(directed, labels, index=np.arange(1, n + 1)), float)
+        level = np.full(n, fraction)
+        if k2 > 0:
+            above = sel & (directed >= 0.5 * np.maximum(peak, 0)[np.maximum(labels - 1, 0)])
+            half_volume = ndimage.sum(above, labels, index=np.arange(1, n + 1)) * voxel_ml  # mm^3
+            o2 = ((3 * half_volume / (4 * math.pi)) ** (2 / 3)) / (2 * math.log(2))  # radius^2 / (2 ln 2)
+            level = np.minimum(fraction ** np.clip(1 - k2 / np.maximum(o2, 1e-12), 0, 1), UNSMOOTHED_MAX_CUT)
         cut = np.zeros(n + 1)
-        cut[1:] = np.where(peak > 0, fraction * peak, np.inf)
+        cut[1:] = np.where(peak > 0, level * peak, np.inf)
         keep |= sel & (directed >= cut[labels])
     return keep

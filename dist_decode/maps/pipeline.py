@@ -23,6 +23,7 @@ import concurrent.futures as cf
 import csv
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import re
@@ -113,6 +114,14 @@ def resolve_shard(spec: str | None) -> tuple[int, int]:
     if n < 1 or not 0 <= k < n:
         raise ValueError(f"--shard {spec!r}: need 0 <= K < N")
     return k, n
+
+
+def extent_smoothing_mm(cfg: RunConfig) -> float:
+    """FWHM (mm) of the smoothing the ``half_max`` extent undoes (``maps.extent_unsmoothed``): the inputs' and the
+    maps' own, combined; 0 when off."""
+    if not cfg.maps.extent_unsmoothed:
+        return 0.0
+    return math.hypot(cfg.data.smooth_fwhm_mm, cfg.maps.smooth_fwhm_mm)
 
 
 def usable_cores() -> int:
@@ -433,6 +442,7 @@ def compute_group_maps(run: MapsRun, force: bool = False) -> dict[str, dict]:
                     "variance_smoothing_mm": mc.variance_smoothing_mm if mc.threshold == "fwe" else None,
                     "permutations": mc.permutations if mc.threshold == "fwe" else None, "test_on": mc.test_on,
                     "extent": mc.extent, "extent_fraction": mc.extent_fraction if mc.extent == "half_max" else None,
+                    "extent_smoothing_mm": extent_smoothing_mm(run.cfg) if mc.extent == "half_max" else None,
                     "subjects": subject_settings(mc), "participants": pids}
         gpath = run.site_dir(site) / "group.json"
         if len(pids) < max(3, mc.min_patients):
@@ -459,7 +469,8 @@ def compute_group_maps(run: MapsRun, force: bool = False) -> dict[str, dict]:
         mean_effect = means["effect"] * mask
         keep = gm.binary > 0
         if mc.extent == "half_max":
-            keep = half_max_extent(keep, gm.t, mean_effect, mc.extent_fraction)
+            keep = half_max_extent(keep, gm.t, mean_effect, mc.extent_fraction, extent_smoothing_mm(run.cfg),
+                                   voxel_sizes(run.affine))
         signed = np.where(keep, gm.t, 0.0).astype(np.float32)
         sdir = run.site_dir(site)
         arrays = {"mean_effect": mean_effect, "mean_deviation": means["deviation"] * mask, "t": gm.t,
