@@ -199,11 +199,14 @@ def test_recovery_metrics_and_goals():
                         "C diagnosis AUC": 0.5, "oracle specific~common": 0.02}], r)
     verdict = {row["metric"]: row["met"] for row in rows}
     assert verdict["S~specific"] and not verdict["C~common"] and not verdict["C~specific"] and verdict["maps Dice"]
+    assert rows[0]["se"] is None  # one site: no standard error
+    two = goal_table([{"S~specific": 0.8}, {"S~specific": 0.6}], r)
+    assert two[0]["value"] == pytest.approx(0.7) and two[0]["se"] == pytest.approx(0.1)  # sd 0.1414 / sqrt(2)
 
 
 def test_profiles_share_the_methods():
     gpu, cpu = RunConfig(), profile_config("cpu")
-    for sec, keys in (("data", ("proportional_scaling", "smooth_fwhm_mm", "site_gain", "site_center")),
+    for sec, keys in (("data", ("proportional_scaling", "smooth_fwhm_mm", "site_gain", "site_center", "site_reference")),
                       ("model", ("encoder", "route")),
                       ("loss", ("noise", "match_c", "control_s_weight", "gamma_tc"))):
         for k in keys:
