@@ -16,9 +16,8 @@ patient and healthy twin) with a one-sample t-test. Two error-controlled thresho
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -295,7 +294,7 @@ def half_max_extent(significant: np.ndarray, t: np.ndarray, effect: np.ndarray, 
     if not 0 < fraction < 1:
         raise ValueError(f"extent fraction {fraction} must lie in (0, 1)")
     k2 = (smoothing_fwhm_mm / math.sqrt(8 * math.log(2))) ** 2  # the smoothing's variance (mm^2)
-    voxel_ml = float(np.prod(np.asarray(voxel_mm, float)))
+    voxel_mm3 = float(np.prod(np.asarray(voxel_mm, float)))
     significant = np.asarray(significant, bool)
     keep = np.zeros(significant.shape, bool)
     for sign in (-1.0, 1.0):
@@ -308,7 +307,7 @@ def half_max_extent(significant: np.ndarray, t: np.ndarray, effect: np.ndarray, 
         level = np.full(n, fraction)
         if k2 > 0:
             above = sel & (directed >= 0.5 * np.maximum(peak, 0)[np.maximum(labels - 1, 0)])
-            half_volume = ndimage.sum(above, labels, index=np.arange(1, n + 1)) * voxel_ml  # mm^3
+            half_volume = ndimage.sum(above, labels, index=np.arange(1, n + 1)) * voxel_mm3  # mm^3
             o2 = ((3 * half_volume / (4 * math.pi)) ** (2 / 3)) / (2 * math.log(2))  # radius^2 / (2 ln 2)
             level = np.minimum(fraction ** np.clip(1 - k2 / np.maximum(o2, 1e-12), 0, 1), UNSMOOTHED_MAX_CUT)
         cut = np.zeros(n + 1)
