@@ -13,7 +13,8 @@ mask) to the planted factors of the training sites' subjects:
 
 It predicts the held-out site's patients and scores the predictions with the same statistic as the recovery
 metrics (:func:`dist_decode.analysis.recovery.rdm_tau`: Kendall tau-a between Euclidean RDMs), mean over folds:
-the ``ridge S~specific`` and ``ridge C~common`` ceilings.
+the ``ridge S~specific`` and ``ridge C~common`` ceilings. The issue's own reference: a supervised ridge reached
+~0.82 on its density cohort.
 
 The same read-out fitted on the run's own latent features instead of the volumes (the fold's ``features.h5``:
 training-site subjects' posterior means -> planted factors, scored on the held-out patients) says whether a space
@@ -25,8 +26,9 @@ What labels alone allow: ``diagnosis direction`` is the held-out patients' score
 diagnosis (shrinkage LDA on the training sites' inputs, in their first 100 principal components), scored against
 the planted severity. It is the best-known way to find "what patients have" from the diagnosis labels that S's
 training also sees, without severity labels: if it stays below the ridge, the gap between S and the ridge is the
-price of not knowing the severities. The issue's own reference: a supervised ridge reached
-~0.82 on its density cohort. Reads the ``full`` run of each cohort made by ``bench_science.py`` (same workdir);
+price of not knowing the severities.
+
+Reads the ``full`` run of each cohort made by ``bench_science.py`` (same workdir);
 writes ``WORKDIR/ceiling.json`` (one entry per cohort and run variant) and prints a Markdown table.
 """
 from __future__ import annotations
@@ -78,24 +80,14 @@ def cohort_ceiling(run_path: Path) -> dict:
     truth = read_truth(store.ground_truth)
     pos = {p: i for i, p in enumerate(truth["participant_id"])}
     pids = [str(p) for p in store.participant_ids]
-    keep = np.array([p in pos for p in pids])
-    rows = np.flatnonzero(keep)
+    rows = np.flatnonzero([p in pos for p in pids])  # store rows with planted truth
     t_rows = np.array([pos[pids[r]] for r in rows])
-    spec, com = truth["specific"][t_rows], truth["common"][t_rows]
-    spec_all, com_all = truth["specific"], truth["common"]
+    spec_all, com_all = truth["specific"], truth["common"]  # truth rows
     patients = {str(p) for p, x in zip(store.participant_ids, store.is_patient) if x}
     patient_of = np.array([p in patients for p in truth["participant_id"]])
-    patient = np.asarray(store.is_patient, bool)[rows]
+    spec, com, patient = spec_all[t_rows], com_all[t_rows], patient_of[t_rows]  # store rows
     site = np.asarray(store.site_of)[rows]
     mask = np.asarray(store.mask, bool)
-    features = {}
-    for held in run.folds():
-        parts = {}
-        for split in ("train", "test"):
-            f = features_contract.read(run.fold_dir(held) / features_contract.FILE, split=split, samples=False)
-            idx = np.array([pos[str(p)] for p in f.participant_id])
-            parts[split] = (f.space("C"), f.space("S"), idx)
-        features[held] = parts
     x = model_inputs(run_path, store, cfg, rows).numpy()[:, 0][:, mask]
     folds = []
     for held in run.folds():
@@ -103,7 +95,11 @@ def cohort_ceiling(run_path: Path) -> dict:
         tp, trp = test & patient, train & patient
         pred_s = ridge_predict(x[trp], spec[trp], x[tp])
         pred_c = ridge_predict(x[train], com[train], x[tp])
-        (c_tr, s_tr, i_tr), (c_te, s_te, i_te) = features[held]["train"], features[held]["test"]
+        latents = []  # (C, S, truth rows) of the fold's training-site and held-out subjects
+        for split in ("train", "test"):
+            f = features_contract.read(run.fold_dir(held) / features_contract.FILE, split=split, samples=False)
+            latents.append((f.space("C"), f.space("S"), np.array([pos[str(p)] for p in f.participant_id])))
+        (c_tr, s_tr, i_tr), (c_te, s_te, i_te) = latents
         pat_tr, pat_te = patient_of[i_tr], patient_of[i_te]
         folds.append({"site": held, "n_patients": int(tp.sum()),
                       "ridge S~specific": rdm_tau(pred_s, spec[tp]), "ridge C~common": rdm_tau(pred_c, com[tp]),

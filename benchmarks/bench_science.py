@@ -192,22 +192,16 @@ def run_variant(work: Path, cohort: str, variant: str, store: Path, folds: str =
             "corr_mean_effect_vs_planted": (rec.get("maps") or {}).get("corr_mean_effect_vs_planted")}
 
 
-FOLD_METRICS = METRICS[:5]  # the per-held-out-site metrics (the maps' are one figure over the 8-site overlap)
-
-
 def fold_se(run: str | Path) -> dict[str, float]:
-    """Standard error over the held-out sites of each per-fold metric of a run (its ``analysis.json``)."""
+    """Standard error over the held-out sites of each per-fold metric of a run, from the folds in its
+    ``analysis.json`` (also those written before the analysis recorded it)."""
+    from dist_decode.analysis.recovery import goal_table  # a pure function: safe in a long-running process
+
     path = Path(run) / "analysis" / "analysis.json"
     if not path.is_file():
         return {}
     folds = [f for f in json.loads(path.read_text())["recovery"].get("folds", []) if f.get("status") == "ok"]
-    out = {}
-    for m in FOLD_METRICS:
-        v = [f[m] for f in folds if f.get(m) is not None]
-        if len(v) > 1:
-            mean = sum(v) / len(v)
-            out[m] = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1) / len(v))
-    return out
+    return {g["metric"]: g["se"] for g in goal_table(folds, None) if g["se"] is not None}
 
 
 def table(results: list[dict]) -> str:

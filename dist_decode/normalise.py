@@ -41,6 +41,7 @@ from nibabel.affines import voxel_sizes
 from torch import nn
 from tqdm import tqdm
 
+from dist_decode.config import SAVED_BEFORE_FIELD
 from dist_decode.contracts.store import manifest_sha256
 from dist_decode.fsutil import atomic_path, disk_full_errors
 
@@ -360,8 +361,9 @@ class Normaliser:
             with h5py.File(path, "r") as f:
                 if int(f.attrs.get("schema", -1)) != SCHEMA:
                     raise ValueError(f"{path}: normalisation schema {f.attrs.get('schema')}, expected {SCHEMA}")
-                # files from before site_reference existed were centred on all of each site's subjects
-                settings = NormaliseSettings(**{"site_reference": "all", **json.loads(f.attrs["settings"])})
+                # files from before site_reference existed: what runs did then
+                before = SAVED_BEFORE_FIELD[("data", "site_reference")]
+                settings = NormaliseSettings(**{"site_reference": before, **json.loads(f.attrs["settings"])})
                 return cls(
                     settings=settings, sites=list(json.loads(f.attrs["sites"])),
                     site_mean=f["site_mean"][...] if "site_mean" in f else None,

@@ -83,7 +83,6 @@ def full_then_room(tmp_path: Path, setup: str, cmd: str, leave: int = 0, after: 
     out.mkdir(parents=True, exist_ok=True)
     res = run_on_small_fs(tmp_path / "fs", f"""
         {setup}
-        (cd $FS && find . -type f | sort) > {out}/before.files
         leave {leave}
         {cmd} > /dev/null 2> {out}/full_err; echo $? > {out}/full_rc
         (cd $FS && find . -type f ! -name .filler | sort) > {out}/full_files
@@ -94,6 +93,5 @@ def full_then_room(tmp_path: Path, setup: str, cmd: str, leave: int = 0, after: 
     """, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     got = {name: (out / name).read_text().strip()
-           for name in ("full_rc", "full_err", "full_files", "full_tmp", "again_rc", "again_err", "before.files")}
-    got["new_files"] = "\n".join(sorted(set(got["full_files"].split("\n")) - set(got.pop("before.files").split("\n"))))
+           for name in ("full_rc", "full_err", "full_files", "full_tmp", "again_rc", "again_err")}
     return got

@@ -435,6 +435,7 @@ def compute_group_maps(run: MapsRun, force: bool = False) -> dict[str, dict]:
     level = mc.fdr_q if mc.threshold == "fdr" else mc.fwe_alpha
     results: dict[str, dict] = {}
     mask = np.asarray(run.store.mask) > 0
+    extent_mm = extent_smoothing_mm(run.cfg) if mc.extent == "half_max" else None
     for site in run.selected:
         h = read_held_out(run.fold_dir(site) / "features.h5", run.patient_ids, False)
         pids = h.participant_id
@@ -442,7 +443,7 @@ def compute_group_maps(run: MapsRun, force: bool = False) -> dict[str, dict]:
                     "variance_smoothing_mm": mc.variance_smoothing_mm if mc.threshold == "fwe" else None,
                     "permutations": mc.permutations if mc.threshold == "fwe" else None, "test_on": mc.test_on,
                     "extent": mc.extent, "extent_fraction": mc.extent_fraction if mc.extent == "half_max" else None,
-                    "extent_smoothing_mm": extent_smoothing_mm(run.cfg) if mc.extent == "half_max" else None,
+                    "extent_smoothing_mm": extent_mm,
                     "subjects": subject_settings(mc), "participants": pids}
         gpath = run.site_dir(site) / "group.json"
         if len(pids) < max(3, mc.min_patients):
@@ -469,8 +470,7 @@ def compute_group_maps(run: MapsRun, force: bool = False) -> dict[str, dict]:
         mean_effect = means["effect"] * mask
         keep = gm.binary > 0
         if mc.extent == "half_max":
-            keep = half_max_extent(keep, gm.t, mean_effect, mc.extent_fraction, extent_smoothing_mm(run.cfg),
-                                   voxel_sizes(run.affine))
+            keep = half_max_extent(keep, gm.t, mean_effect, mc.extent_fraction, extent_mm, voxel_sizes(run.affine))
         signed = np.where(keep, gm.t, 0.0).astype(np.float32)
         sdir = run.site_dir(site)
         arrays = {"mean_effect": mean_effect, "mean_deviation": means["deviation"] * mask, "t": gm.t,
