@@ -106,10 +106,12 @@ class ModelConfig:
         for the anchor, whose sigmoid output needs [0, 1]).
     discriminator_hidden : int
         Width of the two hidden layers of the total-correlation discriminator (DECODE-SZ loss).
-    encoder : {"linear", "nonlinear"}
+    encoder : {"linear", "nonlinear", "dense"}
         ``linear``: strided convolutions without normalisation or activation, then dense heads (the
         encoders are linear maps of the volume, so the control-S penalty can only be met by ignoring the
-        variation controls share: docs/science.md); ``nonlinear``: GroupNorm + SiLU after every convolution.
+        variation controls share: docs/science.md); ``nonlinear``: GroupNorm + SiLU after every convolution;
+        ``dense``: one dense layer from every brain voxel of the encoder grid (linear too, and free to weight
+        each voxel on its own; for coarse encoder grids, ``encoder_voxel_mm`` 4-8 mm).
     encoder_voxel_mm : float
         Resample the encoders' input to this voxel size (area averaging) first; 0 = the data grid.
     decoder : {"dense", "conv"}
@@ -133,7 +135,7 @@ class ModelConfig:
     output: Literal["linear", "softplus"] = "linear"
     input_scale: float = 0.0
     discriminator_hidden: int = 64
-    encoder: Literal["linear", "nonlinear"] = "linear"
+    encoder: Literal["linear", "nonlinear", "dense"] = "linear"
     encoder_voxel_mm: float = 0.0
     decoder: Literal["dense", "conv"] = "conv"
     decoder_activation: Literal["linear", "silu"] = "linear"

@@ -72,6 +72,42 @@ def test_linear_encoders_are_affine_maps_of_the_volume():
                 assert torch.allclose(enc(a + b)[0], enc(a)[0] + enc(b)[0] - enc(zero)[0], atol=1e-4) == affine
 
 
+def test_dense_encoders_read_every_brain_voxel_on_its_own():
+    """``model.encoder="dense"``: affine, a weight per brain voxel of the (resampled) encoder grid, blind outside it."""
+    torch.manual_seed(3)
+    mask = _mask()
+    m = DecodeSZ(GRID, 5, 3, encoder="dense", decoder="dense", mask=mask, **TINY)
+    assert m.common.index.numel() == int(mask.sum())  # no resampling: one input per mask voxel
+    a, b, zero = torch.randn(3, 1, *GRID), torch.randn(3, 1, *GRID), torch.zeros(3, 1, *GRID)
+    with torch.no_grad():
+        for enc in (m.encode_common, m.encode_specific):
+            assert torch.allclose(enc(0.3 * a + 0.7 * b)[0], 0.3 * enc(a)[0] + 0.7 * enc(b)[0], atol=1e-5)
+            # each brain voxel has its own weight vector: two neighbours' unit impulses give different read-outs
+            inside = [(8, 9, 7), (8, 9, 8)]
+            reads = []
+            for v in inside:
+                x = zero.clone()
+                x[(slice(None), 0) + v] = 1.0
+                reads.append(enc(x)[0] - enc(zero)[0])
+            assert not torch.allclose(reads[0], reads[1]) and reads[0].abs().sum() > 0
+            x = zero.clone()
+            x[:, 0, 0, 0, 0] = 1.0  # outside the brain: not read
+            assert torch.equal(enc(x)[0], enc(zero)[0])
+    # at a coarser encoder grid it reads the resampled mask, and a saved model rebuilds from its own state
+    cfg = override(RunConfig(), ['model.encoder="dense"', 'model.decoder="dense"', "model.encoder_voxel_mm=6",
+                                 "model.channels=[4, 8, 8]", "model.bottleneck=4", "model.hidden=16",
+                                 "model.norm_groups=4"])
+    m = build_model(cfg, GRID, mask=mask, voxel_mm=3.0)
+    assert m.enc_grid == (8, 10, 8) and 0 < m.specific.index.numel() < int(mask.sum())
+    state = m.state_dict()
+    again = build_model(cfg, GRID, mask=state["mask"], voxel_mm=3.0)
+    again.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(again.encode_specific(a)[0], m.encode_specific(a)[0])
+    with pytest.raises(ValueError, match="needs the brain mask"):
+        DecodeSZ(GRID, 5, 3, encoder="dense", decoder="conv", **TINY)
+
+
 def test_mmd_is_zero_when_the_groups_match_and_grows_with_their_difference():
     g = torch.Generator().manual_seed(3)
 

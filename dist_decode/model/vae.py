@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_decode.model.blocks import crop_to, pad_amounts, pad_to, padded_shape, reparameterize
-from dist_decode.model.decode_sz import ConvDecoder, DenseDecoder, Encoder3D
+from dist_decode.model.decode_sz import ConvDecoder, DenseDecoder, encoder_mask, make_encoder
 
 
 class PlainVAE(nn.Module):
@@ -32,14 +32,16 @@ class PlainVAE(nn.Module):
         self.latent_common, self.latent_specific = int(latent), 0
         enc_padded = padded_shape(self.enc_grid, len(channels))
         self._enc_pads = pad_amounts(self.enc_grid, enc_padded)
-        self.encoder = Encoder3D(enc_padded, channels, bottleneck, hidden, latent, groups, encoder == "linear")
+        if (encoder == "dense" or decoder == "dense") and (mask is None or tuple(mask.shape) != self.grid):
+            raise ValueError(f"a dense encoder or decoder needs the brain mask of the grid {self.grid}")
+        enc_mask = encoder_mask(mask, self.enc_grid, self._enc_pads) if encoder == "dense" else None
+        self.encoder = make_encoder(encoder, enc_padded, channels, bottleneck, hidden, latent, groups, enc_mask)
+        if encoder == "dense" or decoder == "dense":
+            self.register_buffer("mask", mask.bool().clone())
         dec_padded = padded_shape(self.grid, len(channels))
         self._dec_pads = pad_amounts(self.grid, dec_padded)
         self._dense = decoder == "dense"
         if self._dense:
-            if mask is None or tuple(mask.shape) != self.grid:
-                raise ValueError(f"the dense decoder needs the brain mask of the grid {self.grid}")
-            self.register_buffer("mask", mask.bool().clone())
             self.decoder = DenseDecoder(latent, mask, bias=True)
         else:
             self.decoder = ConvDecoder(dec_padded, channels, bottleneck, hidden, latent, True, decoder_activation)
