@@ -22,6 +22,12 @@ training-site subjects' posterior means -> planted factors, scored on the held-o
 recovery metrics compare distances in the space as it is; an unsupervised space weights each factor by how much
 image variance it explains, which the planted factors' scales need not follow.)
 
+What the S encoder can read: ``ridge S encoder reads`` is the same ridge fitted on what the S encoder's linear
+head receives (the fold's trained model: for the convolutional encoder its flattened features, for the dense
+encoder the brain voxels of its input grid), and ``ridge encoder input`` the ridge on the encoder's whole input
+(the normalised volumes resampled to ``model.encoder_voxel_mm``). If the first stays below the second, the encoder's
+architecture, not its training, caps S.
+
 What labels alone allow: ``diagnosis direction`` is the held-out patients' score on a linear discriminant of
 diagnosis (shrinkage LDA on the training sites' inputs, in their first 100 principal components), scored against
 the planted severity. It is the best-known way to find "what patients have" from the diagnosis labels that S's
@@ -72,6 +78,27 @@ def diagnosis_direction(x_train: np.ndarray, patient_train: np.ndarray, x_test: 
     return lda.decision_function(pca.transform(x_test))[:, None]
 
 
+def encoder_reads(fold_dir: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(what the S encoder's head reads, the encoder's whole input) for volumes ``x`` (n, X, Y, Z) of a fold."""
+    import torch
+
+    from dist_decode.model import load_fold_model
+    from dist_decode.model.decode_sz import DenseEncoder
+
+    model, _ = load_fold_model(fold_dir)
+    enc = model.specific
+    heads, inputs = [], []
+    with torch.no_grad():
+        for start in range(0, len(x), 32):
+            # the model's own input path (scaling, resampling to the encoder grid, padding)
+            e = model._encoder_input(model._prep(torch.from_numpy(x[start:start + 32]).float()))
+            flat = e.flatten(1)
+            heads.append(flat.index_select(1, enc.index) if isinstance(enc, DenseEncoder)
+                         else enc.dense(enc.features(e)))
+            inputs.append(flat)
+    return torch.cat(heads).double().numpy(), torch.cat(inputs).double().numpy()
+
+
 def cohort_ceiling(run_path: Path) -> dict:
     """Per-fold and mean ridge ceilings of one run (see the module docstring)."""
     run = RunDir(run_path)
@@ -88,7 +115,8 @@ def cohort_ceiling(run_path: Path) -> dict:
     spec, com, patient = spec_all[t_rows], com_all[t_rows], patient_of[t_rows]  # store rows
     site = np.asarray(store.site_of)[rows]
     mask = np.asarray(store.mask, bool)
-    x = model_inputs(run_path, store, cfg, rows).numpy()[:, 0][:, mask]
+    volumes = model_inputs(run_path, store, cfg, rows).numpy()[:, 0]
+    x = volumes[:, mask]
     folds = []
     for held in run.folds():
         test, train = site == held, site != held
@@ -101,7 +129,10 @@ def cohort_ceiling(run_path: Path) -> dict:
             latents.append((f.space("C"), f.space("S"), np.array([pos[str(p)] for p in f.participant_id])))
         (c_tr, s_tr, i_tr), (c_te, s_te, i_te) = latents
         pat_tr, pat_te = patient_of[i_tr], patient_of[i_te]
+        reads, enc_in = encoder_reads(run.fold_dir(held), volumes)
         folds.append({"site": held, "n_patients": int(tp.sum()),
+                      "ridge S encoder reads": rdm_tau(ridge_predict(reads[trp], spec[trp], reads[tp]), spec[tp]),
+                      "ridge encoder input": rdm_tau(ridge_predict(enc_in[trp], spec[trp], enc_in[tp]), spec[tp]),
                       "ridge S~specific": rdm_tau(pred_s, spec[tp]), "ridge C~common": rdm_tau(pred_c, com[tp]),
                       "diagnosis direction": rdm_tau(diagnosis_direction(x[train], patient[train], x[tp]), spec[tp]),
                       "S read-out": rdm_tau(ridge_predict(s_tr[pat_tr], spec_all[i_tr][pat_tr], s_te[pat_te]),
@@ -110,7 +141,8 @@ def cohort_ceiling(run_path: Path) -> dict:
                                             com_all[i_te][pat_te])})
         log.info("%s: %s", held, folds[-1])
     mean = {k: float(np.mean([f[k] for f in folds if f[k] is not None]))
-            for k in ("ridge S~specific", "ridge C~common", "S read-out", "C read-out", "diagnosis direction")}
+            for k in ("ridge S~specific", "ridge C~common", "S read-out", "C read-out", "diagnosis direction",
+                      "ridge S encoder reads", "ridge encoder input")}
     return {"run": str(run_path), "voxels": int(mask.sum()), "folds": folds, **mean}
 
 
@@ -131,14 +163,15 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{run}: no run (make it with bench_science.py --cohorts {cohort} --variants {args.variant!r})")
         results[f"{cohort} / {args.variant}"] = {"cohort": cohort, "variant": args.variant, **cohort_ceiling(run)}
         out.write_text(json.dumps(results, indent=1))
-    print("| cohort | run | S~specific | S read-out | ridge S~specific | diagnosis direction | C~common | C read-out "
-          "| ridge C~common |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| cohort | run | S~specific | S read-out | ridge S~specific | ridge encoder input | ridge S encoder reads "
+          "| diagnosis direction | C~common | C read-out | ridge C~common |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results.values():
         got = next((s["metrics"] for s in science if s["cohort"] == r["cohort"] and s["variant"] == r["variant"]
                     and s.get("folds", "all") == "all"), {})
         print(f"| {r['cohort']} | {r['variant']} | {got.get('S~specific', float('nan')):.2f} | "
               f"{r.get('S read-out', float('nan')):.2f} | {r['ridge S~specific']:.2f} | "
+              f"{r.get('ridge encoder input', float('nan')):.2f} | {r.get('ridge S encoder reads', float('nan')):.2f} | "
               f"{r.get('diagnosis direction', float('nan')):.2f} | "
               f"{got.get('C~common', float('nan')):.2f} | {r.get('C read-out', float('nan')):.2f} | "
               f"{r['ridge C~common']:.2f} |")

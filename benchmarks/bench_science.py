@@ -44,6 +44,13 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
                                   ["model.encoder_voxel_mm=0"], []),
     "site reference: all subjects": ("data.site_reference all: each site's gain and mean from all its subjects "
                                      "(the default until 2026-12-02)", ['data.site_reference="all"'], []),
+    "conv encoders": ("model.encoder linear: strided convolutions to 1,280 features, then the dense heads (the "
+                      "cpu profile before 2026-12-02)", ['model.encoder="linear"'], []),
+    "dense encoders": ("model.encoder dense: one dense layer from every 6 mm brain voxel", ['model.encoder="dense"'],
+                       []),
+    "dense encoders at lr 1e-4": ("model.encoder dense, train.lr 1e-4", ['model.encoder="dense"', "train.lr=1e-4"], []),
+    "dense encoders at 12 mm": ("model.encoder dense, model.encoder_voxel_mm 12",
+                                ['model.encoder="dense"', "model.encoder_voxel_mm=12"], []),
     "nonlinear encoders": ("model.encoder nonlinear (GroupNorm + SiLU)", ['model.encoder="nonlinear"'], []),
     "fixed noise": ("loss.noise fixed (summed squared error, the old recon term)", ['loss.noise="fixed"'], []),
     "no control-S penalty": ("loss.control_s_weight 0", ["loss.control_s_weight=0"], []),
