@@ -49,6 +49,8 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
     "dense encoders": ("model.encoder dense: one dense layer from every 6 mm brain voxel", ['model.encoder="dense"'],
                        []),
     "dense encoders at lr 1e-4": ("model.encoder dense, train.lr 1e-4", ['model.encoder="dense"', "train.lr=1e-4"], []),
+    "dense encoders at 0.1 lr": ("model.encoder dense, train.encoder_lr_scale 0.1 (the encoders at lr 1e-4, the "
+                                 "decoder at 1e-3)", ['model.encoder="dense"', "train.encoder_lr_scale=0.1"], []),
     "dense encoders at 12 mm": ("model.encoder dense, model.encoder_voxel_mm 12",
                                 ['model.encoder="dense"', "model.encoder_voxel_mm=12"], []),
     "nonlinear encoders": ("model.encoder nonlinear (GroupNorm + SiLU)", ['model.encoder="nonlinear"'], []),

@@ -292,6 +292,40 @@ def test_deepspeed_config_is_derived_from_the_typed_config():
         deepspeed_config(override(cfg, ["train.batch_size=3"]), 1, "fp32")
 
 
+def test_the_encoders_learn_at_their_own_rate_through_the_schedule():
+    """train.encoder_lr_scale: every parameter in exactly one group; Adam's first step moves the encoders' weights
+    by lr * scale and the rest by lr; the schedule keeps the ratio."""
+    from dist_decode.config import profile_config
+    from dist_decode.model import build_model
+    from dist_decode.train.engine import lr_lambda, param_groups
+
+    grid = (17, 19, 15)
+    mask = torch.zeros(grid, dtype=torch.bool)
+    mask[2:-2, 3:-3, 2:-2] = True
+    cfg = profile_config("cpu", ['model.encoder="dense"', "train.encoder_lr_scale=0.1", 'train.lr_schedule="cosine"',
+                                 "train.steps=10"])
+    torch.manual_seed(0)
+    model = build_model(cfg, grid, mask=mask, voxel_mm=3.0)
+    groups = param_groups(model, cfg.train.lr, cfg.train.encoder_lr_scale)
+    ids = [id(q) for g in groups for q in g["params"]]
+    assert sorted(ids) == sorted(id(q) for q in model.parameters())  # each parameter once
+    opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    before = {n: q.detach().clone() for n, q in model.named_parameters()}
+    x = torch.randn(4, 1, *grid)
+    out = model(x, torch.tensor([True, True, False, False]), torch.Generator().manual_seed(0))
+    (out["x_hat"] - out["x"]).pow(2).sum().backward()
+    opt.step()
+    step = {n: (q.detach() - before[n]).abs().max().item() for n, q in model.named_parameters()}
+    assert step["specific.head.mu.weight"] == pytest.approx(1e-4, rel=1e-3)
+    assert step["common.head.mu.weight"] == pytest.approx(1e-4, rel=1e-3)
+    assert step["salient_decoder.dense.weight"] == pytest.approx(1e-3, rel=1e-3)
+    for _ in range(5):
+        sched.step()
+    enc_lr, rest_lr = sched.get_last_lr()
+    assert rest_lr < cfg.train.lr and enc_lr == pytest.approx(0.1 * rest_lr)
+
+
 def test_metrics_are_trimmed_to_the_resumed_checkpoint(tmp_path: Path):
     from dist_decode.train.loop import Metrics
 

@@ -63,6 +63,18 @@ def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
     return int(s) & 0x7FFF_FFFF_FFFF_FFFF
 
 
+#: parameter-name prefixes of the encoders (DECODE-SZ's C and S encoders, the plain VAE's one encoder)
+ENCODER_PREFIXES = ("common.", "specific.", "encoder.")
+
+
+def param_groups(model: nn.Module, lr: float, encoder_lr_scale: float) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups: the encoders at ``lr * encoder_lr_scale``, the rest at ``lr``."""
+    enc, rest = [], []
+    for name, p in model.named_parameters():
+        (enc if name.startswith(ENCODER_PREFIXES) else rest).append(p)
+    return [g for g in ({"params": enc, "lr": lr * encoder_lr_scale}, {"params": rest, "lr": lr}) if g["params"]]
+
+
 @dataclass
 class Engine:
     """The trainable parts of a fold."""
@@ -84,7 +96,8 @@ def build_engine(cfg: RunConfig, grid, input_scale: float, mask: torch.Tensor, v
     model = build_model(cfg, grid, input_scale, mask.cpu(), voxel_mm)
     disc = build_discriminator(cfg)
     n_parameters = count_parameters(model) + (count_parameters(disc) if disc else 0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.lr, cfg.train.encoder_lr_scale), lr=cfg.train.lr,
+                                  weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config, dist_init_required=False)

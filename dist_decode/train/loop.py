@@ -164,7 +164,7 @@ class FoldTrainer:
                 rec, stop_now = self.stepper.step(x, patient, step, stop.raised, time.perf_counter() - t0)
                 step += 1
                 dt = time.perf_counter() - t0
-                rec = {"kind": "train", "step": step, **rec, "lr": self.parts.scheduler.get_last_lr()[0],
+                rec = {"kind": "train", "step": step, **rec, "lr": self.parts.scheduler.get_last_lr()[-1],
                        "step_s": dt, "volumes_per_s": t.batch_size * self.world / dt, **self._memory()}
                 metrics.write(rec)
                 if self.rank == 0:
