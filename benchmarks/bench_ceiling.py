@@ -30,9 +30,10 @@ architecture, not its training, caps S.
 
 What labels alone allow: ``diagnosis direction`` is the held-out patients' score on a linear discriminant of
 diagnosis (shrinkage LDA on the training sites' inputs, in their first 100 principal components), scored against
-the planted severity. It is the best-known way to find "what patients have" from the diagnosis labels that S's
-training also sees, without severity labels: if it stays below the ridge, the gap between S and the ridge is the
-price of not knowing the severities.
+the planted severity. ``patients off the control span`` is another labels-only direction: the training patients'
+mean minus the training controls' mean, with its projection on the span of the training controls' deviations
+removed (what patients have on average and no control shows). Neither knows the severities; where they reach the
+ridge, the labels alone point to the severity and an unsupervised S could too.
 
 Reads the ``full`` run of each cohort made by ``bench_science.py`` (same workdir);
 writes ``WORKDIR/ceiling.json`` (one entry per cohort and run variant) and prints a Markdown table.
@@ -99,6 +100,15 @@ def encoder_reads(fold_dir: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return torch.cat(heads).double().numpy(), torch.cat(inputs).double().numpy()
 
 
+def off_control_span(x_train: np.ndarray, patient_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
+    """Scores of ``x_test`` on the patients' mean difference from the controls, off the controls' span."""
+    controls = x_train[~patient_train]
+    d = x_train[patient_train].mean(0) - controls.mean(0)
+    _, sv, vt = np.linalg.svd(controls - controls.mean(0), full_matrices=False)
+    span = vt[sv > 1e-6 * sv.max()]
+    return (x_test @ (d - span.T @ (span @ d)))[:, None]
+
+
 def cohort_ceiling(run_path: Path) -> dict:
     """Per-fold and mean ridge ceilings of one run (see the module docstring)."""
     run = RunDir(run_path)
@@ -135,6 +145,8 @@ def cohort_ceiling(run_path: Path) -> dict:
                       "ridge encoder input": rdm_tau(ridge_predict(enc_in[trp], spec[trp], enc_in[tp]), spec[tp]),
                       "ridge S~specific": rdm_tau(pred_s, spec[tp]), "ridge C~common": rdm_tau(pred_c, com[tp]),
                       "diagnosis direction": rdm_tau(diagnosis_direction(x[train], patient[train], x[tp]), spec[tp]),
+                      "patients off the control span": rdm_tau(off_control_span(x[train], patient[train], x[tp]),
+                                                               spec[tp]),
                       "S read-out": rdm_tau(ridge_predict(s_tr[pat_tr], spec_all[i_tr][pat_tr], s_te[pat_te]),
                                             spec_all[i_te][pat_te]),
                       "C read-out": rdm_tau(ridge_predict(c_tr, com_all[i_tr], c_te[pat_te]) * com_all[i_tr].std(0),
@@ -142,7 +154,7 @@ def cohort_ceiling(run_path: Path) -> dict:
         log.info("%s: %s", held, folds[-1])
     mean = {k: float(np.mean([f[k] for f in folds if f[k] is not None]))
             for k in ("ridge S~specific", "ridge C~common", "S read-out", "C read-out", "diagnosis direction",
-                      "ridge S encoder reads", "ridge encoder input")}
+                      "ridge S encoder reads", "ridge encoder input", "patients off the control span")}
     return {"run": str(run_path), "voxels": int(mask.sum()), "folds": folds, **mean}
 
 
@@ -164,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         results[f"{cohort} / {args.variant}"] = {"cohort": cohort, "variant": args.variant, **cohort_ceiling(run)}
         out.write_text(json.dumps(results, indent=1))
     print("| cohort | run | S~specific | S read-out | ridge S~specific | ridge encoder input | ridge S encoder reads "
-          "| diagnosis direction | C~common | C read-out | ridge C~common |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| diagnosis direction | patients off the control span | C~common | C read-out | ridge C~common |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results.values():
         got = next((s["metrics"] for s in science if s["cohort"] == r["cohort"] and s["variant"] == r["variant"]
                     and s.get("folds", "all") == "all"), {})
@@ -173,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r.get('S read-out', float('nan')):.2f} | {r['ridge S~specific']:.2f} | "
               f"{r.get('ridge encoder input', float('nan')):.2f} | {r.get('ridge S encoder reads', float('nan')):.2f} | "
               f"{r.get('diagnosis direction', float('nan')):.2f} | "
+              f"{r.get('patients off the control span', float('nan')):.2f} | "
               f"{got.get('C~common', float('nan')):.2f} | {r.get('C read-out', float('nan')):.2f} | "
               f"{r['ridge C~common']:.2f} |")
     print(f"(goals: S~specific >= {GOALS['S~specific'][1]}, C~common >= {GOALS['C~common'][1]})")

@@ -51,6 +51,18 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
     "dense encoders at lr 1e-4": ("model.encoder dense, train.lr 1e-4", ['model.encoder="dense"', "train.lr=1e-4"], []),
     "dense encoders at 0.1 lr": ("model.encoder dense, train.encoder_lr_scale 0.1 (the encoders at lr 1e-4, the "
                                  "decoder at 1e-3)", ['model.encoder="dense"', "train.encoder_lr_scale=0.1"], []),
+    "S reads the control residual": ("model.specific_input control_residual (convolutional encoders)",
+                                     ['model.specific_input="control_residual"'], []),
+    "S reads the control residual with dense encoders": (
+        "model.specific_input control_residual, model.encoder dense, train.encoder_lr_scale 0.1",
+        ['model.specific_input="control_residual"', 'model.encoder="dense"', "train.encoder_lr_scale=0.1"], []),
+    "S reads the control residual with dense encoders in 2 dimensions": (
+        "model.specific_input control_residual, model.encoder dense, train.encoder_lr_scale 0.1, "
+        "model.latent_specific 2", ['model.specific_input="control_residual"', 'model.encoder="dense"',
+                                    "train.encoder_lr_scale=0.1", "model.latent_specific=2"], []),
+    "dense encoders in 2 dimensions": ("model.encoder dense, train.encoder_lr_scale 0.1, model.latent_specific 2",
+                                       ['model.encoder="dense"', "train.encoder_lr_scale=0.1",
+                                        "model.latent_specific=2"], []),
     "dense encoders at 12 mm": ("model.encoder dense, model.encoder_voxel_mm 12",
                                 ['model.encoder="dense"', "model.encoder_voxel_mm=12"], []),
     "nonlinear encoders": ("model.encoder nonlinear (GroupNorm + SiLU)", ['model.encoder="nonlinear"'], []),
