@@ -44,22 +44,9 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
                                   ["model.encoder_voxel_mm=0"], []),
     "site reference: all subjects": ("data.site_reference all: each site's gain and mean from all its subjects "
                                      "(the default until 2026-12-02)", ['data.site_reference="all"'], []),
-    "conv encoders": ("model.encoder linear: strided convolutions to 1,280 features, then the dense heads (the "
-                      "cpu profile before 2026-12-02)", ['model.encoder="linear"'], []),
     "dense encoders": ("model.encoder dense: one dense layer from every 6 mm brain voxel", ['model.encoder="dense"'],
                        []),
     "dense encoders at lr 1e-4": ("model.encoder dense, train.lr 1e-4", ['model.encoder="dense"', "train.lr=1e-4"], []),
-    "dense encoders at 0.1 lr": ("model.encoder dense, train.encoder_lr_scale 0.1 (the encoders at lr 1e-4, the "
-                                 "decoder at 1e-3)", ['model.encoder="dense"', "train.encoder_lr_scale=0.1"], []),
-    "S reads the control residual": ("model.specific_input control_residual (convolutional encoders)",
-                                     ['model.specific_input="control_residual"'], []),
-    "S reads the control residual with dense encoders": (
-        "model.specific_input control_residual, model.encoder dense, train.encoder_lr_scale 0.1",
-        ['model.specific_input="control_residual"', 'model.encoder="dense"', "train.encoder_lr_scale=0.1"], []),
-    "S reads the control residual with dense encoders in 2 dimensions": (
-        "model.specific_input control_residual, model.encoder dense, train.encoder_lr_scale 0.1, "
-        "model.latent_specific 2", ['model.specific_input="control_residual"', 'model.encoder="dense"',
-                                    "train.encoder_lr_scale=0.1", "model.latent_specific=2"], []),
     "dense encoders in 2 dimensions": ("model.encoder dense, train.encoder_lr_scale 0.1, model.latent_specific 2",
                                        ['model.encoder="dense"', "train.encoder_lr_scale=0.1",
                                         "model.latent_specific=2"], []),

@@ -119,10 +119,6 @@ class ModelConfig:
         cheap at 3-4 mm); ``conv``: dense to the coarsest grid, then x2 upsampling convolutions (full grid).
     decoder_activation : {"linear", "silu"}
         Activation between the upsampling convolutions of the ``conv`` decoder.
-    specific_input : {"volume", "control_residual"}
-        What the S encoder reads: the volume, or ``control_residual``, the volume minus the training controls' mean
-        and its projection on the span of their deviations (fitted per fold on the encoder grid and kept in the
-        model): only what no training control shows can reach S (DECODE-SZ only; docs/science.md).
     route : {"additive", "joint"}
         ``additive``: ``decode(c, s) = common(c) + salient(s)`` with a bias-free salient branch, so
         ``decode(c, 0)`` is exactly the healthy twin and ``salient(s)`` the subject's specific map;
@@ -144,7 +140,6 @@ class ModelConfig:
     decoder: Literal["dense", "conv"] = "conv"
     decoder_activation: Literal["linear", "silu"] = "linear"
     route: Literal["additive", "joint"] = "additive"
-    specific_input: Literal["volume", "control_residual"] = "volume"
 
     def __post_init__(self) -> None:
         for name in ("latent_common", "latent_specific", "hidden", "bottleneck", "norm_groups",
@@ -158,9 +153,6 @@ class ModelConfig:
                  "'dense' needs model.route 'additive' (a dense joint decoder is the same linear map)")
         _require("model.output", self.output == "linear" or self.route == "joint",
                  f"{self.output!r} exists for model.route 'joint' only (the additive branches are linear)")
-        _require("model.specific_input", self.specific_input == "volume" or self.name == "decode_sz",
-                 f"{self.specific_input!r} exists for model.name 'decode_sz' only (the others have no S encoder of "
-                 f"their own)")
 
 
 @dataclass

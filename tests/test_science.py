@@ -108,49 +108,6 @@ def test_dense_encoders_read_every_brain_voxel_on_its_own():
         DecodeSZ(GRID, 5, 3, encoder="dense", decoder="conv", **TINY)
 
 
-@pytest.mark.parametrize("encoder", ["linear", "dense"])
-def test_s_reads_only_what_no_training_control_shows(encoder):
-    """model.specific_input control_residual: every training control (and anything they vary along) gives the same
-    S; a deviation no control shows reaches S; the fitted basis travels in the state dict."""
-    from dist_decode.model import model_from_state
-
-    torch.manual_seed(4)
-    cfg = override(RunConfig(), [f'model.encoder="{encoder}"', 'model.decoder="dense"',
-                                 'model.specific_input="control_residual"', "model.channels=[4, 8, 8]",
-                                 "model.bottleneck=4", "model.hidden=16", "model.norm_groups=4",
-                                 "model.latent_common=5", "model.latent_specific=3"])
-    mask = _mask()
-    m = build_model(cfg, GRID, mask=mask, voxel_mm=3.0)
-    with torch.no_grad():  # trained-looking encoders
-        for q in m.parameters():
-            q.add_(0.1 * torch.randn_like(q))
-    controls = torch.randn(12, 1, *GRID) * mask
-    k = m.fit_control_basis([controls[:5], controls[5:]])
-    assert k == 11  # 12 controls deviate from their mean in 11 directions
-    patient = torch.randn(2, 1, *GRID) * mask
-    mix = torch.randn(2, 12)
-    mix -= mix.mean(1, keepdim=True)  # combinations of the controls' deviations
-    along = torch.einsum("pc,cxyzw->pxyzw", mix, controls[:, 0].unsqueeze(1))
-    with torch.no_grad():
-        s_ctl = m.encode_specific(controls)[0]
-        assert torch.allclose(s_ctl, s_ctl[:1].expand_as(s_ctl), atol=1e-4)  # all controls: one S
-        s_pat = m.encode_specific(patient)[0]
-        assert torch.allclose(m.encode_specific(patient + along)[0], s_pat, atol=1e-4)
-        assert (s_pat - s_ctl[:2]).abs().max() > 1e-2  # what no control shows reaches S
-        # training sees the same S as the analysis stages
-        out = m(torch.cat([patient, controls[:2]]), torch.tensor([True, True, False, False]),
-                torch.Generator().manual_seed(0))
-        assert torch.allclose(out["s_mu"], s_pat, atol=1e-5)
-        # the common encoder reads the whole volume
-        c = m.encode_common(controls)[0]
-        assert not torch.allclose(c, c[:1].expand_as(c))
-    again = model_from_state(cfg, GRID, m.state_dict(), voxel_mm=3.0)
-    with torch.no_grad():
-        assert torch.equal(again.encode_specific(patient)[0], s_pat)
-    with pytest.raises(ValueError, match="only"):
-        override(RunConfig(), ['model.name="vae"', 'model.specific_input="control_residual"'])
-
-
 def test_mmd_is_zero_when_the_groups_match_and_grows_with_their_difference():
     g = torch.Generator().manual_seed(3)
 

@@ -29,8 +29,7 @@ from dist_decode.model.vae import PlainVAE
 __all__ = [
     "ANCHOR_GRID", "ANCHOR_N_PARAMETERS", "AnchorCVAE2022", "DecodeSZ", "PlainVAE", "TCDiscriminator",
     "anchor_loss", "build_model", "build_discriminator", "count_parameters", "decode_sz_loss",
-    "discriminator_loss", "load_fold_model", "loss_kind", "mmd_unbiased", "model_from_state", "model_grid",
-    "DECODE_SZ_BUDGET",
+    "discriminator_loss", "load_fold_model", "loss_kind", "mmd_unbiased", "model_grid", "DECODE_SZ_BUDGET",
 ]
 
 #: Parameter budget of the default DECODE-SZ model at the full CAT12 grid: 5 % of the anchor.
@@ -71,7 +70,6 @@ def build_model(cfg, grid: Sequence[int], input_scale: float = 1.0, mask: torch.
         return DecodeSZ(
             grid, m.latent_common, m.latent_specific, m.channels, m.bottleneck, m.hidden, m.norm_groups,
             m.output, input_scale, m.encoder, enc_grid, m.decoder, m.decoder_activation, m.route, mask,
-            m.specific_input,
         )
     if m.name == "vae":
         return PlainVAE(grid, m.latent_common + m.latent_specific, m.channels, m.bottleneck, m.hidden,
@@ -121,15 +119,6 @@ def load_fold_model(fold_dir: str | os.PathLike):
     blob = torch.load(path, map_location="cpu", weights_only=False)
     cfg = RunConfig.from_dict(blob["config"])
     state = blob["state_dict"]
-    model = model_from_state(cfg, blob["grid"], state, blob.get("voxel_mm"))
-    return model.float().eval(), cfg
-
-
-def model_from_state(cfg, grid: Sequence[int], state: dict, voxel_mm: float | None = None,
-                     mask: torch.Tensor | None = None):
-    """Build the model of ``cfg`` and load a trained ``state`` into it (the mask from the state unless given)."""
-    model = build_model(cfg, grid, mask=state.get("mask") if mask is None else mask, voxel_mm=voxel_mm)
-    if "control_basis" in state:  # fitted on the fold's controls: its size is the state's
-        model.set_control_basis(state["control_mean"], state["control_basis"])
+    model = build_model(cfg, blob["grid"], mask=state.get("mask"), voxel_mm=blob.get("voxel_mm"))
     model.load_state_dict(state)
-    return model
+    return model.float().eval(), cfg

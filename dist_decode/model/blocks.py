@@ -106,7 +106,7 @@ def contrastive_pass(
     xin: torch.Tensor,
     patient: torch.Tensor,
     common: nn.Module,
-    specific,
+    specific: nn.Module,
     latent_specific: int,
     decode_normalized,
     generator: torch.Generator | None = None,

@@ -13,11 +13,6 @@
   read-out can weight each voxel on its own. A convolutional read-out applies the same few filters in every
   block of the coarsest grid and cannot express a focal weight map (on the *weak* cohort a ridge on its 1,280
   features reaches tau 0.75 against 0.86 on the voxels it reads; docs/science.md).
-* ``specific_input="control_residual"``: the S encoder reads what no training control shows: the encoder input
-  minus the training controls' mean and its projection on the span of their deviations (both fitted once per fold,
-  :meth:`DecodeSZ.fit_control_basis`, and kept in the model). The control-S penalty asks the S encoder to ignore
-  what controls vary along; a linear encoder with many inputs can meet it on the training controls alone while
-  still reading common factors in new subjects. The projection removes those directions from its input outright.
 * ``decoder="dense"``: one dense layer from the latents onto every voxel of ``mask`` (3-4 mm grids);
   ``decoder="conv"``: dense onto the coarsest grid, then x2 upsampling convolutions (the full 1.5 mm grid).
 * The network works on any grid: encoder inputs are zero-padded to a multiple of ``2**len(channels)`` (after an
@@ -47,7 +42,6 @@ from dist_decode.model.blocks import (
 ENCODERS = ("linear", "nonlinear", "dense")
 DECODERS = ("dense", "conv")
 ROUTES = ("additive", "joint")
-SPECIFIC_INPUTS = ("volume", "control_residual")
 ACTIVATIONS = ("linear", "silu")
 
 
@@ -244,8 +238,6 @@ class DecodeSZ(nn.Module):
     decoder : {"dense", "conv"}
     decoder_activation : {"linear", "silu"}
     route : {"additive", "joint"}
-    specific_input : {"volume", "control_residual"}
-        What the S encoder reads (see the module docstring).
     mask : bool Tensor, optional
         Brain mask of ``grid``; required by the dense decoder (it predicts these voxels only) and the dense
         encoder (it reads them).
@@ -270,13 +262,12 @@ class DecodeSZ(nn.Module):
         decoder_activation: str = "linear",
         route: str = "additive",
         mask: torch.Tensor | None = None,
-        specific_input: str = "volume",
     ) -> None:
         super().__init__()
         if len(grid) != 3 or min(grid) < 1:
             raise ValueError(f"grid {grid!r}: expected three positive sizes")
         for name, value, choices in (("encoder", encoder, ENCODERS), ("decoder", decoder, DECODERS),
-                                     ("route", route, ROUTES), ("specific_input", specific_input, SPECIFIC_INPUTS)):
+                                     ("route", route, ROUTES)):
             if value not in choices:
                 raise ValueError(f"model.{name} {value!r}: expected one of {list(choices)}")
         if decoder == "dense" and route != "additive":
@@ -287,23 +278,14 @@ class DecodeSZ(nn.Module):
         self.route = route
         enc_padded = padded_shape(self.enc_grid, len(channels))
         self._enc_pads = pad_amounts(self.enc_grid, enc_padded)
-        needs_mask = encoder == "dense" or decoder == "dense" or specific_input == "control_residual"
-        if needs_mask and (mask is None or tuple(mask.shape) != self.grid):
-            raise ValueError(f"a dense encoder or decoder and model.specific_input 'control_residual' need the "
-                             f"brain mask of the grid {self.grid}")
-        enc_mask = encoder_mask(mask, self.enc_grid, self._enc_pads) if needs_mask else None
+        if (encoder == "dense" or decoder == "dense") and (mask is None or tuple(mask.shape) != self.grid):
+            raise ValueError(f"a dense encoder or decoder needs the brain mask of the grid {self.grid}")
+        enc_mask = encoder_mask(mask, self.enc_grid, self._enc_pads) if encoder == "dense" else None
         self.common = make_encoder(encoder, enc_padded, channels, bottleneck, hidden, latent_common, groups, enc_mask)
         self.specific = make_encoder(encoder, enc_padded, channels, bottleneck, hidden, latent_specific, groups,
                                      enc_mask)
-        if needs_mask:
+        if mask is not None and (encoder == "dense" or decoder == "dense"):
             self.register_buffer("mask", mask.bool().clone())
-        self.specific_input = specific_input
-        if specific_input == "control_residual":
-            n = int(enc_mask.sum())
-            self.register_buffer("residual_index", enc_mask.flatten().nonzero().squeeze(1), persistent=False)
-            # fitted per fold (fit_control_basis); their sizes travel in the state dict (set_control_basis)
-            self.register_buffer("control_mean", torch.zeros(n))
-            self.register_buffer("control_basis", torch.zeros(0, n))
         dec_padded = padded_shape(self.grid, len(channels))
         self._dec_pads = pad_amounts(self.grid, dec_padded)
         if route == "joint":
@@ -339,46 +321,7 @@ class DecodeSZ(nn.Module):
 
     def encode_specific(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior ``(mu, logvar)`` of S for volumes ``x`` (N, 1, X, Y, Z)."""
-        return self._encode_specific(self._encoder_input(self._prep(x)))
-
-    def _encode_specific(self, enc_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.specific_input == "volume":
-            return self.specific(enc_in)
-        flat = enc_in.flatten(1).float()
-        v = flat.index_select(1, self.residual_index) - self.control_mean
-        v = v - (v @ self.control_basis.T) @ self.control_basis  # fp32: a projection in bf16 leaks
-        res = torch.zeros_like(flat).index_copy(1, self.residual_index, v)
-        return self.specific(res.view(enc_in.shape).to(enc_in.dtype))
-
-    # -- the control residual ----------------------------------------------------------------------------
-    def set_control_basis(self, mean: torch.Tensor, basis: torch.Tensor) -> None:
-        """Set the controls' mean (n,) and orthonormal basis (k, n) over the encoder-grid brain voxels."""
-        if self.specific_input != "control_residual":
-            raise ValueError("the control basis exists for model.specific_input 'control_residual' only")
-        n = int(self.residual_index.numel())
-        if tuple(mean.shape) != (n,) or basis.ndim != 2 or basis.shape[1] != n:
-            raise ValueError(f"control basis shapes {tuple(mean.shape)}, {tuple(basis.shape)}: expected ({n},), (k, {n})")
-        device = self.residual_index.device
-        self.control_mean = mean.detach().float().to(device)
-        self.control_basis = basis.detach().float().to(device)
-
-    @torch.no_grad()
-    def fit_control_basis(self, batches) -> int:
-        """Fit the control residual from the training controls' volumes (an iterable of (N, 1, X, Y, Z) batches).
-
-        The basis spans every direction the controls deviate from their mean along (singular values above
-        1e-6 of the largest). Returns its dimension.
-        """
-        rows = [self._encoder_input(self._prep(x.float())).flatten(1).float().index_select(1, self.residual_index)
-                for x in batches]
-        v = torch.cat(rows).double()
-        if v.shape[0] < 2:
-            raise ValueError(f"{v.shape[0]} training controls: the control residual needs at least 2")
-        mean = v.mean(0)
-        _, sv, vt = torch.linalg.svd(v - mean, full_matrices=False)
-        basis = vt[sv > 1e-6 * sv.max()]
-        self.set_control_basis(mean, basis)
-        return int(basis.shape[0])
+        return self.specific(self._encoder_input(self._prep(x)))
 
     def _branch(self, module: nn.Module, z: torch.Tensor) -> torch.Tensor:
         out = module(z)
@@ -430,7 +373,7 @@ class DecodeSZ(nn.Module):
         """
         xin = self._prep(x)
         enc_in = self._encoder_input(xin)
-        out = contrastive_pass(enc_in, patient, self.common, self._encode_specific, self.latent_specific,
+        out = contrastive_pass(enc_in, patient, self.common, self.specific, self.latent_specific,
                                self.decode_normalized, generator, control_s)
         out["x"] = xin
         return out

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from dist_decode.config import RunConfig
 from dist_decode.data import BalancedBatchSampler
 from dist_decode.fsutil import atomic_path, atomic_write_json, disk_full_errors
-from dist_decode.model import loss_kind, model_from_state
+from dist_decode.model import build_model, loss_kind
 from dist_decode.train import checkpoint, distributed
 from dist_decode.train.engine import build_engine, resolve_precision
 from dist_decode.train.export import extract_features, final_state_dict, save_model
@@ -101,13 +101,6 @@ class FoldTrainer:
                                   self.inputs.voxel_mm, self.world, self.precision, self.device)
         self.stepper = Stepper(cfg, self.parts, self.inputs.mask_index, noise_var, self.rank, self.world,
                                self.device)
-        residual = ""
-        if getattr(self.parts.engine.module, "specific_input", "volume") == "control_residual":
-            # every rank fits the same basis from the same rows (a resumed run gets the checkpoint's values)
-            train = np.sort(plan.train)
-            controls = train[~self.inputs.is_patient[train]]
-            k = self.parts.engine.module.fit_control_basis(x for x, _ in self.inputs.batches(controls, 16))
-            residual = f", S reads the residual of {k} control directions"
         if self.rank == 0:
             plan.fold_dir.mkdir(parents=True, exist_ok=True)
             if not (plan.fold_dir / "config.json").is_file():
@@ -120,7 +113,7 @@ class FoldTrainer:
             f"{self.parts.n_parameters:,}", " (incl. TC discriminator)" if self.parts.disc else "", len(plan.train),
             len(plan.val), len(plan.test), self.world, self.env.launcher, self.precision, cfg.train.zero_stage,
             self.threads, self.inputs.description,
-            (f", noise variance {noise_var:.4g}" if noise_var is not None else "") + residual,
+            f", noise variance {noise_var:.4g}" if noise_var is not None else "",
         )
 
     def _client_state(self, wall: float) -> dict[str, Any]:
@@ -236,7 +229,8 @@ class FoldTrainer:
             "noise_var": noise_var, "normalised": inputs.transform is not None,
             "discriminator": self.parts.disc.state_dict() if self.parts.disc is not None else None})
         # features with a fresh fp32 copy: exactly what load_fold_model gives the analysis stages
-        model = model_from_state(cfg, inputs.grid, state, inputs.voxel_mm, inputs.mask.cpu())
+        model = build_model(cfg, inputs.grid, mask=inputs.mask.cpu(), voxel_mm=inputs.voxel_mm)
+        model.load_state_dict(state)
         model = model.float().eval().to(self.device)
         rows = np.concatenate([np.sort(plan.train), np.sort(plan.val), np.sort(plan.test)]).astype(np.int64)
         split = np.array(["train"] * len(plan.train) + ["val"] * len(plan.val) + ["test"] * len(plan.test))
