@@ -28,6 +28,11 @@ encoder the brain voxels of its input grid), and ``ridge encoder input`` the rid
 (the normalised volumes resampled to ``model.encoder_voxel_mm``). If the first stays below the second, the encoder's
 architecture, not its training, caps S.
 
+How C's space is read: ``C~common whitened`` (and ``C~specific whitened``, its cross-talk) is the metric with
+C's held-out posterior means whitened in C's active subspace first (principal directions of the training-site
+subjects' posterior means holding more than 1 % of their variance, each scaled to unit variance): every direction
+C uses at equal weight, as the planted factors are, instead of in proportion to its image variance.
+
 What labels alone allow: ``diagnosis direction`` is the held-out patients' score on a linear discriminant of
 diagnosis (shrinkage LDA on the training sites' inputs, in their first 100 principal components), scored against
 the planted severity. ``patients off the control span`` is another labels-only direction: the training patients'
@@ -109,6 +114,16 @@ def off_control_span(x_train: np.ndarray, patient_train: np.ndarray, x_test: np.
     return (x_test @ (d - span.T @ (span @ d)))[:, None]
 
 
+def whitener(x_train: np.ndarray, min_share: float = 0.01):
+    """Map to the whitened active subspace of ``x_train`` (principal directions above ``min_share`` of the
+    variance, each scaled to unit variance)."""
+    mu = x_train.mean(0)
+    _, sv, vt = np.linalg.svd(x_train - mu, full_matrices=False)
+    keep = sv ** 2 > min_share * (sv ** 2).sum()
+    scale = sv[keep] / np.sqrt(len(x_train) - 1)
+    return lambda x: (x - mu) @ vt[keep].T / scale
+
+
 def cohort_ceiling(run_path: Path) -> dict:
     """Per-fold and mean ridge ceilings of one run (see the module docstring)."""
     run = RunDir(run_path)
@@ -139,6 +154,7 @@ def cohort_ceiling(run_path: Path) -> dict:
             latents.append((f.space("C"), f.space("S"), np.array([pos[str(p)] for p in f.participant_id])))
         (c_tr, s_tr, i_tr), (c_te, s_te, i_te) = latents
         pat_tr, pat_te = patient_of[i_tr], patient_of[i_te]
+        c_white = whitener(c_tr)(c_te[pat_te])
         reads, enc_in = encoder_reads(run.fold_dir(held), volumes)
         folds.append({"site": held, "n_patients": int(tp.sum()),
                       "ridge S encoder reads": rdm_tau(ridge_predict(reads[trp], spec[trp], reads[tp]), spec[tp]),
@@ -149,12 +165,15 @@ def cohort_ceiling(run_path: Path) -> dict:
                                                                spec[tp]),
                       "S read-out": rdm_tau(ridge_predict(s_tr[pat_tr], spec_all[i_tr][pat_tr], s_te[pat_te]),
                                             spec_all[i_te][pat_te]),
+                      "C~common whitened": rdm_tau(c_white, com_all[i_te][pat_te]),
+                      "C~specific whitened": rdm_tau(c_white, spec_all[i_te][pat_te]),
                       "C read-out": rdm_tau(ridge_predict(c_tr, com_all[i_tr], c_te[pat_te]) * com_all[i_tr].std(0),
                                             com_all[i_te][pat_te])})
         log.info("%s: %s", held, folds[-1])
     mean = {k: float(np.mean([f[k] for f in folds if f[k] is not None]))
             for k in ("ridge S~specific", "ridge C~common", "S read-out", "C read-out", "diagnosis direction",
-                      "ridge S encoder reads", "ridge encoder input", "patients off the control span")}
+                      "ridge S encoder reads", "ridge encoder input", "patients off the control span",
+                      "C~common whitened", "C~specific whitened")}
     return {"run": str(run_path), "voxels": int(mask.sum()), "folds": folds, **mean}
 
 
@@ -176,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         results[f"{cohort} / {args.variant}"] = {"cohort": cohort, "variant": args.variant, **cohort_ceiling(run)}
         out.write_text(json.dumps(results, indent=1))
     print("| cohort | run | S~specific | S read-out | ridge S~specific | ridge encoder input | ridge S encoder reads "
-          "| diagnosis direction | patients off the control span | C~common | C read-out | ridge C~common |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| diagnosis direction | patients off the control span | C~common | C read-out | ridge C~common "
+          "| C~common whitened | C~specific whitened |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results.values():
         got = next((s["metrics"] for s in science if s["cohort"] == r["cohort"] and s["variant"] == r["variant"]
                     and s.get("folds", "all") == "all"), {})
@@ -187,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r.get('diagnosis direction', float('nan')):.2f} | "
               f"{r.get('patients off the control span', float('nan')):.2f} | "
               f"{got.get('C~common', float('nan')):.2f} | {r.get('C read-out', float('nan')):.2f} | "
-              f"{r['ridge C~common']:.2f} |")
+              f"{r['ridge C~common']:.2f} | {r.get('C~common whitened', float('nan')):.2f} | "
+              f"{r.get('C~specific whitened', float('nan')):.2f} |")
     print(f"(goals: S~specific >= {GOALS['S~specific'][1]}, C~common >= {GOALS['C~common'][1]})")
     return 0
 
