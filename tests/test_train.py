@@ -324,6 +324,8 @@ def test_the_encoders_learn_at_their_own_rate_through_the_schedule():
         sched.step()
     enc_lr, rest_lr = sched.get_last_lr()
     assert rest_lr < cfg.train.lr and enc_lr == pytest.approx(0.1 * rest_lr)
+    # the default is one group, as before the option existed (earlier runs' optimizer checkpoints still load)
+    assert len(param_groups(model, 1e-3, 1.0)) == 1
 
 
 def test_metrics_are_trimmed_to_the_resumed_checkpoint(tmp_path: Path):

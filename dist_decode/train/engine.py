@@ -68,7 +68,12 @@ ENCODER_PREFIXES = ("common.", "specific.", "encoder.")
 
 
 def param_groups(model: nn.Module, lr: float, encoder_lr_scale: float) -> list[dict[str, Any]]:
-    """The optimiser's parameter groups: the encoders at ``lr * encoder_lr_scale``, the rest at ``lr``."""
+    """The optimiser's parameter groups: the encoders at ``lr * encoder_lr_scale``, the rest at ``lr``.
+
+    At scale 1 it is one group, as before the option existed, so checkpoints of earlier runs still resume.
+    """
+    if encoder_lr_scale == 1.0:
+        return [{"params": list(model.parameters()), "lr": lr}]
     enc, rest = [], []
     for name, p in model.named_parameters():
         (enc if name.startswith(ENCODER_PREFIXES) else rest).append(p)
