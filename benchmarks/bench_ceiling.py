@@ -28,6 +28,11 @@ encoder the brain voxels of its input grid), and ``ridge encoder input`` the rid
 (the normalised volumes resampled to ``model.encoder_voxel_mm``). If the first stays below the second, the encoder's
 architecture, not its training, caps S.
 
+What the trained decoder knows: ``salient mean map`` scores each held-out patient's residual after the common
+branch (``x - common(c)``, c from the C encoder) on the salient decoder's mean patient map (``salient(mean s of
+the training patients)``), both taken off the span of the training controls' residuals. A read-out set by the
+decoder (fitted to all patients together) instead of the S encoder; one direction, so it cannot hold two factors.
+
 How C's space is read: ``C~common whitened`` (and ``C~specific whitened``, its cross-talk) is the metric with
 C's held-out posterior means whitened in C's active subspace first (principal directions of the training-site
 subjects' posterior means holding more than 1 % of their variance, each scaled to unit variance): every direction
@@ -115,6 +120,37 @@ def off_control_span(x_train: np.ndarray, patient_train: np.ndarray, x_test: np.
     return (x_test @ (d - span.T @ (span @ d)))[:, None]
 
 
+def salient_mean_map(fold_dir: Path, x: np.ndarray, train_patients: np.ndarray, train_controls: np.ndarray,
+                     test: np.ndarray) -> np.ndarray:
+    """Scores of the ``test`` rows of volumes ``x`` (n, X, Y, Z) on the fold's salient mean map (module docstring)."""
+    import torch
+
+    from dist_decode.model import load_fold_model
+
+    model, _ = load_fold_model(fold_dir)
+    if not hasattr(model, "salient"):
+        raise ValueError(f"{fold_dir}: the salient mean map needs the additive DECODE-SZ model")
+    idx = torch.from_numpy(np.flatnonzero(np.asarray(model.mask).ravel()))
+    with torch.no_grad():
+        rows = np.flatnonzero(train_patients | train_controls | test)
+        xt = torch.from_numpy(x[rows]).float()
+        c, _ = model.encode_common(xt)
+        s, _ = model.encode_specific(xt)
+        twin = model.decode(c, torch.zeros_like(s)).flatten(1).index_select(1, idx).double().numpy()
+        resid = xt.flatten(1).index_select(1, idx).double().numpy() - twin
+        at = {r: k for k, r in enumerate(rows)}
+        pick = lambda m: np.array([at[r] for r in np.flatnonzero(m)])  # noqa: E731
+        mean_map = model.salient(s[pick(train_patients)].mean(0, keepdim=True)).flatten(1).index_select(1, idx)
+    ctl = resid[pick(train_controls)]
+    centre = ctl.mean(0)
+    _, sv, vt = np.linalg.svd(ctl - centre, full_matrices=False)
+    span = vt[sv > 1e-6 * sv.max()]
+    direction = mean_map.double().numpy()[0]
+    direction -= span.T @ (span @ direction)
+    test_resid = resid[pick(test)] - centre
+    return (test_resid @ direction)[:, None]
+
+
 def whitener(x_train: np.ndarray, min_share: float = 0.01):
     """Map to the whitened active subspace of ``x_train`` (principal directions above ``min_share`` of the
     variance, each scaled to unit variance)."""
@@ -155,6 +191,7 @@ def cohort_ceiling(run_path: Path) -> dict:
             latents.append((f.space("C"), f.space("S"), np.array([pos[str(p)] for p in f.participant_id])))
         (c_tr, s_tr, i_tr), (c_te, s_te, i_te) = latents
         pat_tr, pat_te = patient_of[i_tr], patient_of[i_te]
+        smm = salient_mean_map(run.fold_dir(held), volumes, trp, train & ~patient, tp)
         c_white = whitener(c_tr)(c_te[pat_te])
         s_white = whitener(s_tr[pat_tr])(s_te[pat_te])
         reads, enc_in = encoder_reads(run.fold_dir(held), volumes)
@@ -167,6 +204,7 @@ def cohort_ceiling(run_path: Path) -> dict:
                                                                spec[tp]),
                       "S read-out": rdm_tau(ridge_predict(s_tr[pat_tr], spec_all[i_tr][pat_tr], s_te[pat_te]),
                                             spec_all[i_te][pat_te]),
+                      "salient mean map": rdm_tau(smm, spec[tp]),
                       "C~common whitened": rdm_tau(c_white, com_all[i_te][pat_te]),
                       "C~specific whitened": rdm_tau(c_white, spec_all[i_te][pat_te]),
                       "S~specific whitened": rdm_tau(s_white, spec_all[i_te][pat_te]),
@@ -176,7 +214,7 @@ def cohort_ceiling(run_path: Path) -> dict:
     mean = {k: float(np.mean([f[k] for f in folds if f[k] is not None]))
             for k in ("ridge S~specific", "ridge C~common", "S read-out", "C read-out", "diagnosis direction",
                       "ridge S encoder reads", "ridge encoder input", "patients off the control span",
-                      "C~common whitened", "C~specific whitened", "S~specific whitened")}
+                      "C~common whitened", "C~specific whitened", "S~specific whitened", "salient mean map")}
     return {"run": str(run_path), "voxels": int(mask.sum()), "folds": folds, **mean}
 
 
@@ -199,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(results, indent=1))
     print("| cohort | run | S~specific | S read-out | ridge S~specific | ridge encoder input | ridge S encoder reads "
           "| diagnosis direction | patients off the control span | C~common | C read-out | ridge C~common "
-          "| C~common whitened | C~specific whitened | S~specific whitened |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| C~common whitened | C~specific whitened | S~specific whitened | salient mean map |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results.values():
         got = next((s["metrics"] for s in science if s["cohort"] == r["cohort"] and s["variant"] == r["variant"]
                     and s.get("folds", "all") == "all"), {})
@@ -211,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r.get('patients off the control span', float('nan')):.2f} | "
               f"{got.get('C~common', float('nan')):.2f} | {r.get('C read-out', float('nan')):.2f} | "
               f"{r['ridge C~common']:.2f} | {r.get('C~common whitened', float('nan')):.2f} | "
-              f"{r.get('C~specific whitened', float('nan')):.2f} | {r.get('S~specific whitened', float('nan')):.2f} |")
+              f"{r.get('C~specific whitened', float('nan')):.2f} | {r.get('S~specific whitened', float('nan')):.2f} | "
+              f"{r.get('salient mean map', float('nan')):.2f} |")
     print(f"(goals: S~specific >= {GOALS['S~specific'][1]}, C~common >= {GOALS['C~common'][1]})")
     return 0
 

@@ -52,6 +52,8 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
                                         "model.latent_specific=2"], []),
     "dense encoders at 12 mm": ("model.encoder dense, model.encoder_voxel_mm 12",
                                 ['model.encoder="dense"', "model.encoder_voxel_mm=12"], []),
+    "bottleneck 32": ("model.bottleneck 32 (the convolutional encoders read 2,560 features, not 1,280)",
+                      ["model.bottleneck=32"], []),
     "nonlinear encoders": ("model.encoder nonlinear (GroupNorm + SiLU)", ['model.encoder="nonlinear"'], []),
     "fixed noise": ("loss.noise fixed (summed squared error, the old recon term)", ['loss.noise="fixed"'], []),
     "no control-S penalty": ("loss.control_s_weight 0", ["loss.control_s_weight=0"], []),
