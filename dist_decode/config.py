@@ -238,9 +238,10 @@ class TrainConfig:
     weight_decay : float
         AdamW weight decay.
     encoder_lr_scale : float
-        Multiplier of ``lr`` for the encoders' weights (DECODE-SZ's C and S encoders, the plain VAE's). Adam moves every weight by about ``lr`` per step, so an
-        encoder's output moves by about ``lr`` times its number of inputs: a dense encoder (``model.encoder
-        dense``, ~10,000 inputs at 6 mm) needs ~0.1 to move at the pace of a convolutional one (1,280).
+        Multiplier of ``lr`` for the encoders' weights (DECODE-SZ's C and S encoders, the plain VAE's). Adam
+        moves every weight by about ``lr`` per step, so an encoder's output moves by about ``lr`` times its number
+        of inputs: a dense encoder (``model.encoder dense``, ~10,000 inputs at 6 mm) needs ~0.1 to move at the
+        pace of a convolutional one (1,280).
     gradient_clipping : float
         Global gradient-norm clip applied by DeepSpeed (0 disables it).
     log_every : int

@@ -118,6 +118,21 @@ def encoder_mask(mask: torch.Tensor, enc_grid: Sequence[int], pads: list[tuple[i
     return pad_to(m, pads)[0, 0] > 0
 
 
+def dense_mask(grid: Sequence[int], encoder: str, decoder: str, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The brain mask a dense encoder or decoder needs (a copy), or None when neither is dense.
+
+    Raises
+    ------
+    ValueError
+        When a dense part has no mask of ``grid``.
+    """
+    if encoder != "dense" and decoder != "dense":
+        return None
+    if mask is None or tuple(mask.shape) != tuple(grid):
+        raise ValueError(f"a dense encoder or decoder needs the brain mask of the grid {tuple(grid)}")
+    return mask.bool().clone()
+
+
 def make_encoder(kind: str, padded: Sequence[int], channels: Sequence[int], bottleneck: int, hidden: int,
                  latent: int, groups: int, mask: torch.Tensor | None) -> nn.Module:
     """The encoder of ``model.encoder`` ``kind``: a dense read-out of ``mask`` or an :class:`Encoder3D`."""
@@ -278,14 +293,13 @@ class DecodeSZ(nn.Module):
         self.route = route
         enc_padded = padded_shape(self.enc_grid, len(channels))
         self._enc_pads = pad_amounts(self.enc_grid, enc_padded)
-        if (encoder == "dense" or decoder == "dense") and (mask is None or tuple(mask.shape) != self.grid):
-            raise ValueError(f"a dense encoder or decoder needs the brain mask of the grid {self.grid}")
-        enc_mask = encoder_mask(mask, self.enc_grid, self._enc_pads) if encoder == "dense" else None
+        brain = dense_mask(self.grid, encoder, decoder, mask)
+        if brain is not None:
+            self.register_buffer("mask", brain)
+        enc_mask = encoder_mask(brain, self.enc_grid, self._enc_pads) if encoder == "dense" else None
         self.common = make_encoder(encoder, enc_padded, channels, bottleneck, hidden, latent_common, groups, enc_mask)
         self.specific = make_encoder(encoder, enc_padded, channels, bottleneck, hidden, latent_specific, groups,
                                      enc_mask)
-        if mask is not None and (encoder == "dense" or decoder == "dense"):
-            self.register_buffer("mask", mask.bool().clone())
         dec_padded = padded_shape(self.grid, len(channels))
         self._dec_pads = pad_amounts(self.grid, dec_padded)
         if route == "joint":

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_decode.model.blocks import crop_to, pad_amounts, pad_to, padded_shape, reparameterize
-from dist_decode.model.decode_sz import ConvDecoder, DenseDecoder, encoder_mask, make_encoder
+from dist_decode.model.decode_sz import ConvDecoder, DenseDecoder, dense_mask, encoder_mask, make_encoder
 
 
 class PlainVAE(nn.Module):
@@ -32,12 +32,11 @@ class PlainVAE(nn.Module):
         self.latent_common, self.latent_specific = int(latent), 0
         enc_padded = padded_shape(self.enc_grid, len(channels))
         self._enc_pads = pad_amounts(self.enc_grid, enc_padded)
-        if (encoder == "dense" or decoder == "dense") and (mask is None or tuple(mask.shape) != self.grid):
-            raise ValueError(f"a dense encoder or decoder needs the brain mask of the grid {self.grid}")
-        enc_mask = encoder_mask(mask, self.enc_grid, self._enc_pads) if encoder == "dense" else None
+        brain = dense_mask(self.grid, encoder, decoder, mask)
+        if brain is not None:
+            self.register_buffer("mask", brain)
+        enc_mask = encoder_mask(brain, self.enc_grid, self._enc_pads) if encoder == "dense" else None
         self.encoder = make_encoder(encoder, enc_padded, channels, bottleneck, hidden, latent, groups, enc_mask)
-        if encoder == "dense" or decoder == "dense":
-            self.register_buffer("mask", mask.bool().clone())
         dec_padded = padded_shape(self.grid, len(channels))
         self._dec_pads = pad_amounts(self.grid, dec_padded)
         self._dense = decoder == "dense"
