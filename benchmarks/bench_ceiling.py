@@ -65,9 +65,16 @@ sys.path.insert(0, str(ROOT))
 from dist_decode.analysis.recovery import GOALS, read_truth, rdm_tau  # noqa: E402
 from dist_decode.contracts import features as features_contract  # noqa: E402
 from dist_decode.contracts.run import RunDir  # noqa: E402
+from dist_decode.model import load_fold_model  # noqa: E402
 from dist_decode.normalise import model_inputs  # noqa: E402
 
 ALPHAS = np.logspace(-1, 6, 29)
+#: the run's own metrics (from science.json) shown beside the ceilings
+RUN_METRICS = ("S~specific", "C~common")
+#: the printed table's columns, in order
+COLUMNS = ("S~specific", "S read-out", "ridge S~specific", "ridge encoder input", "ridge S encoder reads",
+           "diagnosis direction", "patients off the control span", "C~common", "C read-out", "ridge C~common",
+           "C~common whitened", "C~specific whitened", "S~specific whitened", "salient mean map")
 log = logging.getLogger("bench_ceiling")
 
 
@@ -90,14 +97,13 @@ def diagnosis_direction(x_train: np.ndarray, patient_train: np.ndarray, x_test: 
     return lda.decision_function(pca.transform(x_test))[:, None]
 
 
-def encoder_reads(fold_dir: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(what the S encoder's head reads, the encoder's whole input) for volumes ``x`` (n, X, Y, Z) of a fold."""
+def encoder_reads(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(what the S encoder's head reads, the encoder's whole input) for volumes ``x`` (n, X, Y, Z) of a fold's
+    ``model``."""
     import torch
 
-    from dist_decode.model import load_fold_model
     from dist_decode.model.decode_sz import DenseEncoder
 
-    model, _ = load_fold_model(fold_dir)
     enc = model.specific
     heads, inputs = [], []
     with torch.no_grad():
@@ -111,25 +117,27 @@ def encoder_reads(fold_dir: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return torch.cat(heads).double().numpy(), torch.cat(inputs).double().numpy()
 
 
+def off_span(controls: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """``direction`` without its projection on the span of the ``controls``' deviations from their mean."""
+    _, sv, vt = np.linalg.svd(controls - controls.mean(0), full_matrices=False)
+    span = vt[sv > 1e-6 * sv.max()]
+    return direction - span.T @ (span @ direction)
+
+
 def off_control_span(x_train: np.ndarray, patient_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
     """Scores of ``x_test`` on the patients' mean difference from the controls, off the controls' span."""
     controls = x_train[~patient_train]
-    d = x_train[patient_train].mean(0) - controls.mean(0)
-    _, sv, vt = np.linalg.svd(controls - controls.mean(0), full_matrices=False)
-    span = vt[sv > 1e-6 * sv.max()]
-    return (x_test @ (d - span.T @ (span @ d)))[:, None]
+    return (x_test @ off_span(controls, x_train[patient_train].mean(0) - controls.mean(0)))[:, None]
 
 
-def salient_mean_map(fold_dir: Path, x: np.ndarray, train_patients: np.ndarray, train_controls: np.ndarray,
+def salient_mean_map(model, x: np.ndarray, train_patients: np.ndarray, train_controls: np.ndarray,
                      test: np.ndarray) -> np.ndarray:
-    """Scores of the ``test`` rows of volumes ``x`` (n, X, Y, Z) on the fold's salient mean map (module docstring)."""
+    """Scores of the ``test`` rows of volumes ``x`` (n, X, Y, Z) on a fold ``model``'s salient mean map (module
+    docstring)."""
     import torch
 
-    from dist_decode.model import load_fold_model
-
-    model, _ = load_fold_model(fold_dir)
     if not hasattr(model, "salient"):
-        raise ValueError(f"{fold_dir}: the salient mean map needs the additive DECODE-SZ model")
+        raise ValueError("the salient mean map needs the additive DECODE-SZ model")
     idx = torch.from_numpy(np.flatnonzero(np.asarray(model.mask).ravel()))
     with torch.no_grad():
         rows = np.flatnonzero(train_patients | train_controls | test)
@@ -142,13 +150,8 @@ def salient_mean_map(fold_dir: Path, x: np.ndarray, train_patients: np.ndarray, 
         pick = lambda m: np.array([at[r] for r in np.flatnonzero(m)])  # noqa: E731
         mean_map = model.salient(s[pick(train_patients)].mean(0, keepdim=True)).flatten(1).index_select(1, idx)
     ctl = resid[pick(train_controls)]
-    centre = ctl.mean(0)
-    _, sv, vt = np.linalg.svd(ctl - centre, full_matrices=False)
-    span = vt[sv > 1e-6 * sv.max()]
-    direction = mean_map.double().numpy()[0]
-    direction -= span.T @ (span @ direction)
-    test_resid = resid[pick(test)] - centre
-    return (test_resid @ direction)[:, None]
+    direction = off_span(ctl, mean_map.double().numpy()[0])
+    return ((resid[pick(test)] - ctl.mean(0)) @ direction)[:, None]
 
 
 def whitener(x_train: np.ndarray, min_share: float = 0.01):
@@ -191,10 +194,11 @@ def cohort_ceiling(run_path: Path) -> dict:
             latents.append((f.space("C"), f.space("S"), np.array([pos[str(p)] for p in f.participant_id])))
         (c_tr, s_tr, i_tr), (c_te, s_te, i_te) = latents
         pat_tr, pat_te = patient_of[i_tr], patient_of[i_te]
-        smm = salient_mean_map(run.fold_dir(held), volumes, trp, train & ~patient, tp)
+        model, _ = load_fold_model(run.fold_dir(held))
+        smm = salient_mean_map(model, volumes, trp, train & ~patient, tp)
+        reads, enc_in = encoder_reads(model, volumes)
         c_white = whitener(c_tr)(c_te[pat_te])
         s_white = whitener(s_tr[pat_tr])(s_te[pat_te])
-        reads, enc_in = encoder_reads(run.fold_dir(held), volumes)
         folds.append({"site": held, "n_patients": int(tp.sum()),
                       "ridge S encoder reads": rdm_tau(ridge_predict(reads[trp], spec[trp], reads[tp]), spec[tp]),
                       "ridge encoder input": rdm_tau(ridge_predict(enc_in[trp], spec[trp], enc_in[tp]), spec[tp]),
@@ -212,9 +216,7 @@ def cohort_ceiling(run_path: Path) -> dict:
                                             com_all[i_te][pat_te])})
         log.info("%s: %s", held, folds[-1])
     mean = {k: float(np.mean([f[k] for f in folds if f[k] is not None]))
-            for k in ("ridge S~specific", "ridge C~common", "S read-out", "C read-out", "diagnosis direction",
-                      "ridge S encoder reads", "ridge encoder input", "patients off the control span",
-                      "C~common whitened", "C~specific whitened", "S~specific whitened", "salient mean map")}
+            for k in folds[0] if k not in ("site", "n_patients")}
     return {"run": str(run_path), "voxels": int(mask.sum()), "folds": folds, **mean}
 
 
@@ -235,22 +237,14 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{run}: no run (make it with bench_science.py --cohorts {cohort} --variants {args.variant!r})")
         results[f"{cohort} / {args.variant}"] = {"cohort": cohort, "variant": args.variant, **cohort_ceiling(run)}
         out.write_text(json.dumps(results, indent=1))
-    print("| cohort | run | S~specific | S read-out | ridge S~specific | ridge encoder input | ridge S encoder reads "
-          "| diagnosis direction | patients off the control span | C~common | C read-out | ridge C~common "
-          "| C~common whitened | C~specific whitened | S~specific whitened | salient mean map |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| cohort | run | " + " | ".join(COLUMNS) + " |")
+    print("|---" * (2 + len(COLUMNS)) + "|")
     for r in results.values():
         got = next((s["metrics"] for s in science if s["cohort"] == r["cohort"] and s["variant"] == r["variant"]
                     and s.get("folds", "all") == "all"), {})
-        print(f"| {r['cohort']} | {r['variant']} | {got.get('S~specific', float('nan')):.2f} | "
-              f"{r.get('S read-out', float('nan')):.2f} | {r['ridge S~specific']:.2f} | "
-              f"{r.get('ridge encoder input', float('nan')):.2f} | {r.get('ridge S encoder reads', float('nan')):.2f} | "
-              f"{r.get('diagnosis direction', float('nan')):.2f} | "
-              f"{r.get('patients off the control span', float('nan')):.2f} | "
-              f"{got.get('C~common', float('nan')):.2f} | {r.get('C read-out', float('nan')):.2f} | "
-              f"{r['ridge C~common']:.2f} | {r.get('C~common whitened', float('nan')):.2f} | "
-              f"{r.get('C~specific whitened', float('nan')):.2f} | {r.get('S~specific whitened', float('nan')):.2f} | "
-              f"{r.get('salient mean map', float('nan')):.2f} |")
+        cells = [{**r, **{k: got.get(k) for k in RUN_METRICS}}.get(k) for k in COLUMNS]
+        print(f"| {r['cohort']} | {r['variant']} | "
+              + " | ".join(f"{float('nan') if v is None else v:.2f}" for v in cells) + " |")
     print(f"(goals: S~specific >= {GOALS['S~specific'][1]}, C~common >= {GOALS['C~common'][1]})")
     return 0
 
