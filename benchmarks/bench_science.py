@@ -36,6 +36,9 @@ COHORTS = {"demo": ("demo", 0), "density": ("density", 1), "sites": ("sites", 2)
 #: variant -> (what it changes, training --set overrides, maps --set overrides); None = maps-only variant.
 VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
     "full": ("the cpu profile: every method on", [], []),
+    "S from the encoder": ("model.specific_readout encoder: S features (RSA, maps) from the S encoder, not the "
+                           "salient decoder's closed-form posterior (the default until 2026-12-02)",
+                           ['model.specific_readout="encoder"'], []),
     "no TIV scaling": ("data.proportional_scaling none", ['data.proportional_scaling="none"'], []),
     "no smoothing": ("data.smooth_fwhm_mm 0", ["data.smooth_fwhm_mm=0"], []),
     "no site normalisation": ("data.site_gain, site_center off", ["data.site_gain=false", "data.site_center=false"],
@@ -55,7 +58,9 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
     "bottleneck 32": ("model.bottleneck 32 (the convolutional encoders read 2,560 features, not 1,280)",
                       ["model.bottleneck=32"], []),
     "nonlinear encoders": ("model.encoder nonlinear (GroupNorm + SiLU)", ['model.encoder="nonlinear"'], []),
-    "fixed noise": ("loss.noise fixed (summed squared error, the old recon term)", ['loss.noise="fixed"'], []),
+    "fixed noise": ("loss.noise fixed (summed squared error, the old recon term; S from the encoder: the decoder "
+                    "read-out needs the eigen noise level)", ['loss.noise="fixed"', 'model.specific_readout="encoder"'],
+                    []),
     "no control-S penalty": ("loss.control_s_weight 0", ["loss.control_s_weight=0"], []),
     "no C matching": ("loss.match_c none", ['loss.match_c="none"'], []),
     "+ TC term": ("loss.gamma_tc 10 (FactorVAE discriminator)", ["loss.gamma_tc=10"], []),
@@ -91,7 +96,8 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
                            'model.route="joint"', 'model.decoder="conv"', 'model.output="softplus"',
                            "model.channels=[8,16,32]", "model.hidden=64", 'loss.noise="fixed"',
                            "loss.control_s_weight=1", "loss.gamma_tc=10", 'loss.match_c="none"', "train.steps=200",
-                           "train.batch_size=4", 'train.precision="bf16"', "train.checkpoint_every=100"],
+                           "train.batch_size=4", 'train.precision="bf16"', "train.checkpoint_every=100",
+                           'model.specific_readout="encoder"'],
                           ['maps.kind="jacobian"', 'maps.test_on="effect"', 'maps.extent="significant"',
                            'maps.threshold="fdr"', "maps.syn_iterations=[40,20,0]", "maps.syn_flow_sigma=3"]),
 }

@@ -123,6 +123,12 @@ class ModelConfig:
         ``additive``: ``decode(c, s) = common(c) + salient(s)`` with a bias-free salient branch, so
         ``decode(c, 0)`` is exactly the healthy twin and ``salient(s)`` the subject's specific map;
         ``joint``: one decoder of ``[c, s]`` (the 2022 design).
+    specific_readout : {"decoder", "encoder"}
+        Where a trained DECODE-SZ model's S features (and so its RSA of S and its maps) come from: ``decoder``,
+        the closed-form posterior of s under the trained salient decoder, fitted on the training subjects when
+        the fold finishes (:mod:`dist_decode.model.readout`; needs the additive route, a linear salient branch
+        and ``loss.noise = "eigen"``); ``encoder``, the S encoder's own posterior. Training uses the S encoder
+        either way.
     """
 
     name: Literal["decode_sz", "vae", "anchor2022"] = "decode_sz"
@@ -140,6 +146,7 @@ class ModelConfig:
     decoder: Literal["dense", "conv"] = "conv"
     decoder_activation: Literal["linear", "silu"] = "linear"
     route: Literal["additive", "joint"] = "additive"
+    specific_readout: Literal["decoder", "encoder"] = "decoder"
 
     def __post_init__(self) -> None:
         for name in ("latent_common", "latent_specific", "hidden", "bottleneck", "norm_groups",
@@ -153,6 +160,12 @@ class ModelConfig:
                  "'dense' needs model.route 'additive' (a dense joint decoder is the same linear map)")
         _require("model.output", self.output == "linear" or self.route == "joint",
                  f"{self.output!r} exists for model.route 'joint' only (the additive branches are linear)")
+        if self.name == "decode_sz" and self.specific_readout == "decoder":
+            _require("model.specific_readout", self.route == "additive",
+                     "'decoder' needs model.route 'additive' (set model.specific_readout=\"encoder\")")
+            _require("model.specific_readout", self.decoder == "dense" or self.decoder_activation == "linear",
+                     "'decoder' needs a salient branch linear in s: model.decoder 'dense' or "
+                     "model.decoder_activation 'linear' (or set model.specific_readout=\"encoder\")")
 
 
 @dataclass
@@ -466,6 +479,13 @@ class RunConfig:
     rsa: RSAConfig = field(default_factory=RSAConfig)
     maps: MapsConfig = field(default_factory=MapsConfig)
 
+    def __post_init__(self) -> None:
+        m = self.model
+        if m.name == "decode_sz" and m.specific_readout == "decoder":
+            _require("model.specific_readout", self.loss.noise == "eigen",
+                     "'decoder' needs loss.noise 'eigen' (its posterior uses the fold's noise level; or set "
+                     "model.specific_readout=\"encoder\")")
+
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -491,7 +511,12 @@ class RunConfig:
     def from_saved(cls, path: str | os.PathLike) -> "RunConfig":
         """A ``config.json`` that a run wrote (complete when written): a field it lacks is one added since, and it
         gets the value that was in effect then (:data:`SAVED_BEFORE_FIELD`), not today's default."""
-        data = json.loads(Path(path).read_text())
+        return cls.from_saved_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_saved_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        """:meth:`from_saved` of a config a run stored as a dict (``model_final.pt``)."""
+        data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
         for (section, name), value in SAVED_BEFORE_FIELD.items():
             if isinstance(data.get(section), dict) and name not in data[section]:
                 data[section][name] = value
@@ -504,7 +529,8 @@ class RunConfig:
 
 #: Fields added with a default that differs from what runs did before them: (section, field) -> the behaviour of
 #: a run whose saved config predates the field (:meth:`RunConfig.from_saved`).
-SAVED_BEFORE_FIELD: dict[tuple[str, str], Any] = {("data", "site_reference"): "all"}
+SAVED_BEFORE_FIELD: dict[tuple[str, str], Any] = {("data", "site_reference"): "all",
+                                                  ("model", "specific_readout"): "encoder"}
 
 #: Named settings on top of the defaults. ``gpu`` is the default (full CAT12 grid, convolutional decoder);
 #: ``cpu`` is the documented choice for cohorts at 3-4 mm on CPU: encoders on a 6 mm resampling, a dense decoder

@@ -24,12 +24,20 @@ from dist_decode.model.blocks import crop_to, pad_amounts, pad_to, padded_shape
 from dist_decode.model.loss import kl_normal
 
 FULL_GRID = (113, 137, 113)
+
+
+def _full_grid_mask() -> torch.Tensor:
+    """A brain-sized box mask of the full grid (the default model's S read-out keeps one weight per mask voxel,
+    a buffer, not a parameter)."""
+    m = torch.zeros(FULL_GRID, dtype=torch.bool)
+    m[15:-15, 20:-20, 15:-15] = True
+    return m
 TINY = dict(channels=(4, 8, 8), bottleneck=4, hidden=32, groups=4)
 
 
 def test_default_model_within_budget_at_full_grid():
     cfg = RunConfig()
-    model = build_model(cfg, FULL_GRID)
+    model = build_model(cfg, FULL_GRID, mask=_full_grid_mask())
     assert build_discriminator(cfg) is None  # the TC term is off by default (docs/science.md)
     n = count_parameters(model) + count_parameters(TCDiscriminator(32, cfg.model.discriminator_hidden))
     print(f"DECODE-SZ default at {FULL_GRID}: {n:,} parameters ({n / ANCHOR_N_PARAMETERS:.2%} of the anchor)")
@@ -226,7 +234,7 @@ def test_readme_states_the_parameter_counts():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     quoted = re.search(r"The default model has \*\*([\d,]+) parameters\*\* at the full CAT12 grid", readme)
     assert quoted, "README: the default model's parameter count sentence is missing"
-    assert int(quoted.group(1).replace(",", "")) == count_parameters(build_model(RunConfig(), FULL_GRID))
+    assert int(quoted.group(1).replace(",", "")) == count_parameters(build_model(RunConfig(), FULL_GRID, mask=_full_grid_mask()))
     demo = re.search(r"the `cpu` profile has \*\*([\d,]+) parameters\*\* at the demo's 3 mm grid", readme)
     assert demo, "README: the cpu profile's parameter count sentence is missing"
     grid = (57, 69, 57)
@@ -236,5 +244,5 @@ def test_readme_states_the_parameter_counts():
     m = build_model(profile_config("cpu"), grid, mask=mask, voxel_mm=3.0)
     assert int(demo.group(1).replace(",", "")) == count_parameters(m)
     anchor = re.search(r"\*\*([\d.]+) %\*\* of the anchor", readme)
-    assert anchor and float(anchor.group(1)) == round(100 * count_parameters(build_model(RunConfig(), FULL_GRID))
+    assert anchor and float(anchor.group(1)) == round(100 * count_parameters(build_model(RunConfig(), FULL_GRID, mask=_full_grid_mask()))
                                                       / ANCHOR_N_PARAMETERS, 2)

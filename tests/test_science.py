@@ -95,6 +95,7 @@ def test_dense_encoders_read_every_brain_voxel_on_its_own():
             assert torch.equal(enc(x)[0], enc(zero)[0])
     # at a coarser encoder grid it reads the resampled mask, and a saved model rebuilds from its own state
     cfg = override(RunConfig(), ['model.encoder="dense"', 'model.decoder="dense"', "model.encoder_voxel_mm=6",
+                                 'model.specific_readout="encoder"',
                                  "model.channels=[4, 8, 8]", "model.bottleneck=4", "model.hidden=16",
                                  "model.norm_groups=4"])
     m = build_model(cfg, GRID, mask=mask, voxel_mm=3.0)
@@ -252,3 +253,105 @@ def test_profiles_share_the_methods():
         profile_config("tpu")
     m = build_model(cpu, GRID, mask=_mask(), voxel_mm=3.0)
     assert m.enc_grid == (8, 10, 8)  # the encoders see a 6 mm resampling of the 3 mm grid
+
+
+def _readout_model(seed: int) -> DecodeSZ:
+    """A dense DECODE-SZ whose common branch is zero (twin = 0, residual = volume) and whose salient patterns
+    are random, so the read-out's input is known exactly."""
+    torch.manual_seed(seed)
+    m = DecodeSZ(GRID, 5, 3, decoder="dense", mask=_mask(), specific_readout="decoder", **TINY)
+    with torch.no_grad():
+        m.common_decoder.dense.weight.zero_()
+        m.salient_decoder.dense.weight.normal_()
+    return m.eval()
+
+
+def test_the_decoder_readout_is_the_closed_form_posterior_and_blind_to_what_controls_show():
+    """``model.specific_readout="decoder"``: s = R (r - mu0), R = (W P W^T + sigma^2 Lambda^-1)^-1 W P, with P
+    the projection off the training controls' residual span: nothing a training control varies along moves S,
+    and a planted salient effect is read back."""
+    from dist_decode.model.readout import fit_salient_readout
+
+    m = _readout_model(4)
+    mask = _mask()
+    idx = mask.flatten().nonzero().squeeze(1)
+    V = idx.numel()
+    g = torch.Generator().manual_seed(5)
+    span = torch.randn(6, V, generator=g)  # what controls (and patients) vary along
+    w = m.salient(torch.eye(3)).flatten(1)[:, idx]
+
+    def volumes(n, patient):
+        r = torch.randn(n, 6, generator=g) @ span + 0.05 * torch.randn(n, V, generator=g)
+        s = torch.randn(n, 3, generator=g) if patient else torch.zeros(n, 3)
+        x = torch.zeros(n, 1, *GRID)
+        x.view(n, -1)[:, idx] = r + s @ w + 0.3  # 0.3: a common offset the controls' mean takes away
+        return x, s
+
+    xc, _ = volumes(40, False)
+    xp, _ = volumes(40, True)
+    x = torch.cat([xc, xp])
+    patient = torch.arange(80) >= 40
+    with pytest.raises(RuntimeError, match="not fitted"):
+        m.encode_specific(x[:2])
+    noise = 0.05 ** 2
+    batches = [(x[k:k + 16], patient[k:k + 16]) for k in range(0, 80, 16)]
+    ro = fit_salient_readout(m, batches, idx, noise)
+    assert (ro.n_controls, ro.n_patients) == (40, 40) and ro.span_rank == 39
+    # the closed form, with P formed explicitly (small V)
+    r = x.view(80, -1)[:, idx].double()
+    dev = r[:40] - r[:40].mean(0)
+    u, sv, vt = torch.linalg.svd(dev, full_matrices=False)
+    basis = vt[sv > 1e-6 * sv.max()]
+    p = torch.eye(V, dtype=torch.float64) - basis.T @ basis
+    with torch.no_grad():
+        s_enc = m.encode_specific_encoder(x[40:])[0].double()
+    lam = torch.cov(s_enc.T)
+    lam = lam + 1e-6 * lam.diagonal().mean() * torch.eye(3, dtype=torch.float64)
+    a = w.double() @ p @ w.double().T + noise * torch.linalg.inv(lam)
+    want = torch.linalg.solve(a, w.double() @ p)
+    assert torch.allclose(ro.weight.double(), want.float().double(), rtol=1e-3, atol=1e-4 * float(want.abs().max()))
+    assert torch.allclose(ro.offset.double(), r[:40].mean(0), atol=1e-5)
+    # blind to every training control's deviation
+    assert (ro.weight.double() @ dev.T).abs().max() < 1e-3 * (ro.weight.double() @ (w.double().T)).abs().max()
+    m.set_readout(ro)
+    # new patients: the same span variation plus a planted salient effect, read back
+    xn, s_true = volumes(30, True)
+    with torch.no_grad():
+        s_hat = m.encode_specific(xn)[0]
+        moved = m.encode_specific(xn + 2.0 * torch.zeros_like(xn).view(30, -1).index_copy(
+            1, idx, span[:1].expand(30, -1)).view_as(xn))[0]
+    for k in range(3):
+        assert np.corrcoef(s_hat[:, k].numpy(), s_true[:, k].numpy())[0, 1] > 0.9
+    assert torch.allclose(moved, s_hat, atol=1e-3 * float(s_hat.abs().max()))
+    # saved and rebuilt, it reads the same
+    cfg = override(RunConfig(), ['model.decoder="dense"', "model.latent_common=5", "model.latent_specific=3",
+                                 "model.channels=[4, 8, 8]", "model.bottleneck=4", "model.hidden=16",
+                                 "model.norm_groups=4"])
+    again = build_model(cfg, GRID, mask=mask)
+    again.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again.eval().encode_specific(xn)[0], s_hat)
+
+
+def test_the_decoder_readout_needs_a_linear_salient_branch_and_the_eigen_noise():
+    from dist_decode.model.readout import salient_patterns
+
+    assert RunConfig().model.specific_readout == "decoder" == profile_config("cpu").model.specific_readout
+    with pytest.raises(ValueError, match="model.specific_readout.*linear in s"):
+        override(RunConfig(), ['model.decoder_activation="silu"'])
+    with pytest.raises(ValueError, match="model.specific_readout.*route 'additive'"):
+        override(RunConfig(), ['model.route="joint"'])
+    with pytest.raises(ValueError, match="model.specific_readout.*loss.noise 'eigen'"):
+        override(RunConfig(), ['loss.noise="fixed"'])
+    assert override(RunConfig(), ['model.route="joint"', 'model.specific_readout="encoder"']).model.route == "joint"
+    # a conv salient branch with SiLU (allowed with the encoder read-out) has no closed form
+    m = DecodeSZ(GRID, 5, 3, decoder="conv", decoder_activation="silu", mask=_mask(), **TINY)
+    with torch.no_grad():
+        for p in m.salient_decoder.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    with pytest.raises(ValueError, match="not linear in s"):
+        salient_patterns(m, _mask().flatten().nonzero().squeeze(1))
+    # a config saved before the read-out existed keeps the encoder
+    saved = RunConfig().to_dict()
+    del saved["model"]["specific_readout"]
+    assert RunConfig.from_saved_dict(saved).model.specific_readout == "encoder"

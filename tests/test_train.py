@@ -126,7 +126,7 @@ def test_two_rank_deepspeed_fold_writes_every_output(reference_run: Path, tiny_s
         assert f["c_samples"].shape == (n, 3, 16) and f["s_samples"].shape == (n, 3, 16)
         assert np.all(np.isfinite(f["recon_error"][...])) and np.all(f["recon_error"][...] > 0)
         assert f.attrs["n_parameters"] == n_params and f.attrs["site"] == store.sites[FOLD]
-        c_mean = f["c_mean"][...]
+        c_mean, s_mean, s_logvar = f["c_mean"][...], f["s_mean"][...], f["s_logvar"][...]
 
     # the analysis stages' loader gives back the same model (fp32, CPU, eval, no DeepSpeed)
     model, cfg2 = load_fold_model(fold_dir)
@@ -137,8 +137,15 @@ def test_two_rank_deepspeed_fold_writes_every_output(reference_run: Path, tiny_s
     with torch.no_grad():
         mu, _ = model.encode_common(x)
         twin = model.decode(mu, torch.zeros(3, cfg.model.latent_specific))
+        s_mu, _ = model.encode_specific(x)
+        s_enc, _ = model.encode_specific_encoder(x)
     assert np.allclose(mu.numpy(), c_mean[:3], atol=1e-5)
     assert twin.shape == (3, 1, *store.grid_shape)
+    # S comes from the salient decoder's read-out, fitted when the fold finished and saved with the weights
+    assert cfg.model.specific_readout == "decoder" and float(model.readout_fitted) == 1.0
+    assert np.allclose(s_mu.numpy(), s_mean[:3], atol=1e-4 * max(1.0, float(np.abs(s_mean).max())))
+    assert not np.allclose(s_mu.numpy(), s_enc.numpy(), atol=1e-3)
+    assert np.all(s_logvar == s_logvar[0])  # one posterior covariance for every subject
 
 
 @pytest.mark.slow

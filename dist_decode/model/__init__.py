@@ -70,6 +70,7 @@ def build_model(cfg, grid: Sequence[int], input_scale: float = 1.0, mask: torch.
         return DecodeSZ(
             grid, m.latent_common, m.latent_specific, m.channels, m.bottleneck, m.hidden, m.norm_groups,
             m.output, input_scale, m.encoder, enc_grid, m.decoder, m.decoder_activation, m.route, mask,
+            m.specific_readout,
         )
     if m.name == "vae":
         return PlainVAE(grid, m.latent_common + m.latent_specific, m.channels, m.bottleneck, m.hidden,
@@ -117,7 +118,7 @@ def load_fold_model(fold_dir: str | os.PathLike):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no final model (is the fold trained? its DONE file marks completion)")
     blob = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = RunConfig.from_dict(blob["config"])
+    cfg = RunConfig.from_saved_dict(blob["config"])
     state = blob["state_dict"]
     model = build_model(cfg, blob["grid"], mask=state.get("mask"), voxel_mm=blob.get("voxel_mm"))
     model.load_state_dict(state)

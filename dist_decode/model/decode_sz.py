@@ -43,6 +43,7 @@ ENCODERS = ("linear", "nonlinear", "dense")
 DECODERS = ("dense", "conv")
 ROUTES = ("additive", "joint")
 ACTIVATIONS = ("linear", "silu")
+READOUTS = ("encoder", "decoder")
 
 
 class Encoder3D(nn.Module):
@@ -118,18 +119,21 @@ def encoder_mask(mask: torch.Tensor, enc_grid: Sequence[int], pads: list[tuple[i
     return pad_to(m, pads)[0, 0] > 0
 
 
-def dense_mask(grid: Sequence[int], encoder: str, decoder: str, mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The brain mask a dense encoder or decoder needs (a copy), or None when neither is dense.
+def dense_mask(grid: Sequence[int], encoder: str, decoder: str, mask: torch.Tensor | None,
+               readout: bool = False) -> torch.Tensor | None:
+    """The brain mask a dense encoder or decoder (or the decoder read-out of S) needs (a copy), or None when
+    nothing needs one.
 
     Raises
     ------
     ValueError
-        When a dense part has no mask of ``grid``.
+        When a part that needs it has no mask of ``grid``.
     """
-    if encoder != "dense" and decoder != "dense":
+    if encoder != "dense" and decoder != "dense" and not readout:
         return None
     if mask is None or tuple(mask.shape) != tuple(grid):
-        raise ValueError(f"a dense encoder or decoder needs the brain mask of the grid {tuple(grid)}")
+        raise ValueError(f"a dense encoder or decoder, or the decoder read-out of S, needs the brain mask of the "
+                         f"grid {tuple(grid)}")
     return mask.bool().clone()
 
 
@@ -254,8 +258,12 @@ class DecodeSZ(nn.Module):
     decoder_activation : {"linear", "silu"}
     route : {"additive", "joint"}
     mask : bool Tensor, optional
-        Brain mask of ``grid``; required by the dense decoder (it predicts these voxels only) and the dense
-        encoder (it reads them).
+        Brain mask of ``grid``; required by the dense decoder (it predicts these voxels only), the dense
+        encoder (it reads them) and the decoder read-out.
+    specific_readout : {"encoder", "decoder"}
+        Where :meth:`encode_specific` takes S from after training: the S encoder, or the closed-form posterior
+        of the trained salient decoder (:mod:`dist_decode.model.readout`; fitted by :meth:`set_readout`, needs
+        the additive route and a linear salient branch). Training always uses the S encoder.
     """
 
     name = "decode_sz"
@@ -277,25 +285,37 @@ class DecodeSZ(nn.Module):
         decoder_activation: str = "linear",
         route: str = "additive",
         mask: torch.Tensor | None = None,
+        specific_readout: str = "encoder",
     ) -> None:
         super().__init__()
         if len(grid) != 3 or min(grid) < 1:
             raise ValueError(f"grid {grid!r}: expected three positive sizes")
         for name, value, choices in (("encoder", encoder, ENCODERS), ("decoder", decoder, DECODERS),
-                                     ("route", route, ROUTES)):
+                                     ("route", route, ROUTES), ("specific_readout", specific_readout, READOUTS)):
             if value not in choices:
                 raise ValueError(f"model.{name} {value!r}: expected one of {list(choices)}")
         if decoder == "dense" and route != "additive":
             raise ValueError("model.decoder 'dense' needs model.route 'additive'")
+        if specific_readout == "decoder" and route != "additive":
+            raise ValueError("model.specific_readout 'decoder' needs model.route 'additive'")
         self.grid = tuple(int(g) for g in grid)
         self.enc_grid = tuple(int(g) for g in (encoder_grid or grid))
         self.latent_common, self.latent_specific = latent_common, latent_specific
         self.route = route
         enc_padded = padded_shape(self.enc_grid, len(channels))
         self._enc_pads = pad_amounts(self.enc_grid, enc_padded)
-        brain = dense_mask(self.grid, encoder, decoder, mask)
+        brain = dense_mask(self.grid, encoder, decoder, mask, readout=specific_readout == "decoder")
         if brain is not None:
             self.register_buffer("mask", brain)
+        self.specific_readout = specific_readout
+        if specific_readout == "decoder":
+            # the fitted read-out (zeros until set_readout; saved with the weights in model_final.pt)
+            n_mask, ds = int(brain.sum()), latent_specific
+            self.register_buffer("readout_index", brain.flatten().nonzero().squeeze(1), persistent=False)
+            self.register_buffer("readout_weight", torch.zeros(ds, n_mask))
+            self.register_buffer("readout_offset", torch.zeros(n_mask))
+            self.register_buffer("readout_logvar", torch.zeros(ds))
+            self.register_buffer("readout_fitted", torch.tensor(0.0))  # float: every engine casts it alike
         enc_mask = encoder_mask(brain, self.enc_grid, self._enc_pads) if encoder == "dense" else None
         self.common = make_encoder(encoder, enc_padded, channels, bottleneck, hidden, latent_common, groups, enc_mask)
         self.specific = make_encoder(encoder, enc_padded, channels, bottleneck, hidden, latent_specific, groups,
@@ -334,8 +354,40 @@ class DecodeSZ(nn.Module):
         return self.common(self._encoder_input(self._prep(x)))
 
     def encode_specific(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior ``(mu, logvar)`` of S for volumes ``x`` (N, 1, X, Y, Z)."""
+        """Posterior ``(mu, logvar)`` of S for volumes ``x`` (N, 1, X, Y, Z): from the S encoder, or from the
+        fitted decoder read-out (``specific_readout="decoder"``).
+
+        Raises
+        ------
+        RuntimeError
+            When the decoder read-out is configured but not fitted yet (the trainer fits it after training).
+        """
+        if self.specific_readout == "encoder":
+            return self.encode_specific_encoder(x)
+        if not float(self.readout_fitted):
+            raise RuntimeError("the decoder read-out of S is not fitted (the trainer fits it when the fold "
+                               "finishes: dist_decode.model.readout)")
+        c_mu, _ = self.encode_common(x)
+        twin = self.decode_normalized(c_mu, c_mu.new_zeros(len(c_mu), self.latent_specific))
+        r = (self._prep(x) - twin).flatten(1).index_select(1, self.readout_index) - self.readout_offset
+        mu = r @ self.readout_weight.T
+        return mu, self.readout_logvar.expand_as(mu)
+
+    def encode_specific_encoder(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior ``(mu, logvar)`` of the S encoder for volumes ``x`` (N, 1, X, Y, Z)."""
         return self.specific(self._encoder_input(self._prep(x)))
+
+    def set_readout(self, readout) -> None:
+        """Install a fitted :class:`~dist_decode.model.readout.SalientReadout`."""
+        if self.specific_readout != "decoder":
+            raise ValueError("set_readout needs model.specific_readout 'decoder'")
+        if tuple(readout.weight.shape) != tuple(self.readout_weight.shape):
+            raise ValueError(f"read-out weight of shape {tuple(readout.weight.shape)}, expected "
+                             f"{tuple(self.readout_weight.shape)}")
+        self.readout_weight.copy_(readout.weight)
+        self.readout_offset.copy_(readout.offset)
+        self.readout_logvar.copy_(readout.logvar)
+        self.readout_fitted.fill_(1.0)
 
     def _branch(self, module: nn.Module, z: torch.Tensor) -> torch.Tensor:
         out = module(z)
@@ -353,9 +405,13 @@ class DecodeSZ(nn.Module):
 
     def salient(self, s: torch.Tensor) -> torch.Tensor:
         """The specific map ``decode(c, s) - decode(c, 0)`` of the additive route (independent of c)."""
+        return self.salient_normalized(s) * self.input_scale
+
+    def salient_normalized(self, s: torch.Tensor) -> torch.Tensor:
+        """:meth:`salient` in network units."""
         if self.route != "additive":
             raise ValueError("the salient map is defined for model.route 'additive' only")
-        return self._branch(self.salient_decoder, s) * self.input_scale
+        return self._branch(self.salient_decoder, s)
 
     # -- training -------------------------------------------------------------------------------------
     def forward(

@@ -24,6 +24,7 @@ from dist_decode.config import RunConfig
 from dist_decode.data import BalancedBatchSampler
 from dist_decode.fsutil import atomic_path, atomic_write_json, disk_full_errors
 from dist_decode.model import build_model, loss_kind
+from dist_decode.model.readout import fit_salient_readout
 from dist_decode.train import checkpoint, distributed
 from dist_decode.train.engine import build_engine, resolve_precision
 from dist_decode.train.export import extract_features, final_state_dict, save_model
@@ -223,15 +224,24 @@ class FoldTrainer:
         state = final_state_dict(self.parts.engine, plan.fold_dir, cfg.train.steps, self.precision,
                                  cfg.train.zero_stage)
         noise_var = self.stepper.noise_var
+        # features with a fresh fp32 copy: exactly what load_fold_model gives the analysis stages
+        model = build_model(cfg, inputs.grid, mask=inputs.mask.cpu(), voxel_mm=inputs.voxel_mm)
+        model.load_state_dict(state)
+        model = model.float().eval().to(self.device)
+        if getattr(model, "specific_readout", "encoder") == "decoder":
+            train = np.sort(plan.train)
+            readout = fit_salient_readout(model, inputs.batches(train, cfg.train.batch_size), inputs.mask_index,
+                                          noise_var, what=f"fold {plan.fold}'s training subjects")
+            model.set_readout(readout)
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            log.info("fold %d (%s): S read from the salient decoder (%d training controls span %d directions, "
+                     "prior from %d training patients)", plan.fold, plan.site, readout.n_controls,
+                     readout.span_rank, readout.n_patients)
         save_model(plan.fold_dir / "model_final.pt", {
             "config": cfg.to_dict(), "state_dict": state, "grid": list(inputs.grid), "voxel_mm": inputs.voxel_mm,
             "model": cfg.model.name, "n_parameters": self.parts.n_parameters, "steps": cfg.train.steps,
             "noise_var": noise_var, "normalised": inputs.transform is not None,
             "discriminator": self.parts.disc.state_dict() if self.parts.disc is not None else None})
-        # features with a fresh fp32 copy: exactly what load_fold_model gives the analysis stages
-        model = build_model(cfg, inputs.grid, mask=inputs.mask.cpu(), voxel_mm=inputs.voxel_mm)
-        model.load_state_dict(state)
-        model = model.float().eval().to(self.device)
         rows = np.concatenate([np.sort(plan.train), np.sort(plan.val), np.sort(plan.test)]).astype(np.int64)
         split = np.array(["train"] * len(plan.train) + ["val"] * len(plan.val) + ["test"] * len(plan.test))
         meta = {"index": rows, "split": split, **self._subject_meta(rows)}
