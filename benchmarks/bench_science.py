@@ -247,6 +247,22 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def record(out: Path, r: dict) -> list[dict]:
+    """Add (or replace) the row of ``r``'s cohort, variant and folds in ``out`` and return all rows. The file is
+    read again under a lock, so benchmark processes running side by side keep each other's rows."""
+    import fcntl
+
+    with open(out.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(out.read_text()) if out.is_file() else []
+        key = (r["cohort"], r["variant"], r.get("folds", "all"))
+        rows = [x for x in rows if (x["cohort"], x["variant"], x.get("folds", "all")) != key] + [r]
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, indent=1))
+        tmp.replace(out)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, required=True, help="cohorts, stores, runs and science.json go here")
@@ -284,8 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as exc:
                 print(f"   failed: {exc}", flush=True)
                 continue
-            results = [x for x in results if not any(x is y for y in same)] + [r]
-            out.write_text(json.dumps(results, indent=1))
+            results = record(out, r)
             m = r["metrics"]
             print("   " + ", ".join(f"{k} {v:.3f}" for k, v in m.items() if v is not None and math.isfinite(v))
                   + f" ({r['wall_s'] / 60:.1f} min)", flush=True)

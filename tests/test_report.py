@@ -154,6 +154,9 @@ def test_report_on_complete_run(full_run):
         assert heading in html
     assert "0123456789abcdef" in html  # the run's git commit (provenance)
     assert "NOT MET" in html or ">met<" in html  # each recovery goal is plainly marked
+    # the RSA section says where the S features came from (the run's config)
+    decoder = RunConfig.from_saved(full_run / "config.json").model.specific_readout == "decoder"
+    assert "S features:" in html and ("closed-form" in html) == decoder and ("S encoder" in html) != decoder
 
 
 def test_report_skips_unchanged_inputs_and_rebuilds_on_change(full_run):
