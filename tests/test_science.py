@@ -313,6 +313,13 @@ def test_the_decoder_readout_is_the_closed_form_posterior_and_blind_to_what_cont
     assert torch.allclose(ro.offset.double(), r[:40].mean(0), atol=1e-5)
     # blind to every training control's deviation
     assert (ro.weight.double() @ dev.T).abs().max() < 1e-3 * (ro.weight.double() @ (w.double().T)).abs().max()
+    # accumulated over voxel blocks (large grids) it is the same map
+    from dist_decode.model import readout as readout_module
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(readout_module, "VOXEL_CHUNK", 97)
+        blocked = fit_salient_readout(m, batches, idx, noise)
+    assert torch.allclose(blocked.weight, ro.weight, rtol=1e-4, atol=1e-6 * float(ro.weight.abs().max()))
     m.set_readout(ro)
     # new patients: the same span variation plus a planted salient effect, read back
     xn, s_true = volumes(30, True)

@@ -54,6 +54,15 @@ class SalientReadout:
     span_rank: int
 
 
+#: Voxels per float64 block when accumulating over the control deviations.
+VOXEL_CHUNK = 65536
+
+
+def _voxel_chunks(n: int):
+    for start in range(0, n, VOXEL_CHUNK):
+        yield slice(start, min(n, start + VOXEL_CHUNK))
+
+
 @torch.no_grad()
 def salient_patterns(model, mask_index: torch.Tensor) -> torch.Tensor:
     """The salient decoder's patterns ``W`` (ds, V) on the mask voxels, network units.
@@ -118,16 +127,25 @@ def fit_salient_readout(model, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     if n_c < 2 or n_p < 2:
         raise ValueError(f"the decoder read-out needs at least 2 controls and 2 patients among {what} "
                          f"(got {n_c} controls, {n_p} patients)")
-    ctl = torch.cat(resid_ctl)  # (n_c, V) float32: the largest array, kept in the input precision
-    offset = ctl.double().mean(0)
-    dev = (ctl.double() - offset)
+    dev = torch.cat(resid_ctl)  # (n_c, V) float32: the largest array (1 GB for 500 controls at 1.5 mm)
+    offset = dev.double().mean(0)
+    dev -= offset.float()  # the deviations, in place
     w = salient_patterns(model, mask_index).cpu()  # (ds, V)
-    # W P = W - (W D^T) K^+ D for the deviations D (n_c, V) and their Gram matrix K = D D^T
-    gram = dev @ dev.T
+    # W P = W - (W D^T) K^+ D for the deviations D (n_c, V) and their Gram matrix K = D D^T, accumulated in
+    # float64 over voxel chunks so that no float64 copy of D exists
+    gram = torch.zeros(len(dev), len(dev), dtype=torch.float64)
+    wd = torch.zeros(len(w), len(dev), dtype=torch.float64)
+    for chunk in _voxel_chunks(dev.shape[1]):
+        d = dev[:, chunk].double()
+        gram += d @ d.T
+        wd += w[:, chunk] @ d.T
     lam, vec = torch.linalg.eigh(gram)
     keep = lam > SPAN_RTOL * lam.max().clamp_min(1e-300)
     vec, lam = vec[:, keep], lam[keep]
-    wp = w - ((w @ dev.T) @ vec / lam) @ vec.T @ dev
+    m = (wd @ vec / lam) @ vec.T  # (ds, n_c)
+    wp = w.clone()
+    for chunk in _voxel_chunks(dev.shape[1]):
+        wp[:, chunk] -= m @ dev[:, chunk].double()
     s = torch.cat(s_pat)
     prior = torch.cov(s.T).reshape(model.latent_specific, model.latent_specific)
     prior = prior + PRIOR_JITTER * (prior.diagonal().mean().clamp_min(1e-12)) * torch.eye(len(prior),
