@@ -15,6 +15,9 @@
   features reaches tau 0.75 against 0.86 on the voxels it reads; docs/science.md).
 * ``decoder="dense"``: one dense layer from the latents onto every voxel of ``mask`` (3-4 mm grids);
   ``decoder="conv"``: dense onto the coarsest grid, then x2 upsampling convolutions (the full 1.5 mm grid).
+* ``specific_readout="decoder"``: after training, :meth:`DecodeSZ.encode_specific` returns the closed-form
+  posterior of s under the trained salient branch (:mod:`dist_decode.model.readout`) instead of the S encoder's
+  output; the encoder still trains the model and sets that posterior's prior.
 * The network works on any grid: encoder inputs are zero-padded to a multiple of ``2**len(channels)`` (after an
   optional resampling to ``encoder_grid``) and conv-decoder outputs cropped back.
 """
