@@ -295,7 +295,7 @@ def test_the_decoder_readout_is_the_closed_form_posterior_and_blind_to_what_cont
         m.encode_specific(x[:2])
     noise = 0.05 ** 2
     batches = [(x[k:k + 16], patient[k:k + 16]) for k in range(0, 80, 16)]
-    ro = fit_salient_readout(m, batches, idx, noise)
+    ro = fit_salient_readout(m, batches, noise)
     assert (ro.n_controls, ro.n_patients) == (40, 40) and ro.span_rank == 39
     # the closed form, with P formed explicitly (small V)
     r = x.view(80, -1)[:, idx].double()
@@ -318,7 +318,7 @@ def test_the_decoder_readout_is_the_closed_form_posterior_and_blind_to_what_cont
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(readout_module, "VOXEL_CHUNK", 97)
-        blocked = fit_salient_readout(m, batches, idx, noise)
+        blocked = fit_salient_readout(m, batches, noise)
     assert torch.allclose(blocked.weight, ro.weight, rtol=1e-4, atol=1e-6 * float(ro.weight.abs().max()))
     m.set_readout(ro)
     # new patients: the same span variation plus a planted salient effect, read back
@@ -351,13 +351,14 @@ def test_the_decoder_readout_needs_a_linear_salient_branch_and_the_eigen_noise()
     with pytest.raises(ValueError, match="model.specific_readout.*loss.noise 'eigen'"):
         override(RunConfig(), ['loss.noise="fixed"'])
     assert override(RunConfig(), ['model.route="joint"', 'model.specific_readout="encoder"']).model.route == "joint"
-    # a conv salient branch with SiLU (allowed with the encoder read-out) has no closed form
-    m = DecodeSZ(GRID, 5, 3, decoder="conv", decoder_activation="silu", mask=_mask(), **TINY)
+    # a conv salient branch with SiLU (the config refuses it with the decoder read-out) has no closed form
+    m = DecodeSZ(GRID, 5, 3, decoder="conv", decoder_activation="silu", mask=_mask(), specific_readout="decoder",
+                 **TINY)
     with torch.no_grad():
         for p in m.salient_decoder.parameters():
             p.add_(0.3 * torch.randn_like(p))
     with pytest.raises(ValueError, match="not linear in s"):
-        salient_patterns(m, _mask().flatten().nonzero().squeeze(1))
+        salient_patterns(m)
     # a config saved before the read-out existed keeps the encoder
     saved = RunConfig().to_dict()
     del saved["model"]["specific_readout"]

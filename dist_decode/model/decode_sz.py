@@ -370,11 +370,15 @@ class DecodeSZ(nn.Module):
         if not float(self.readout_fitted):
             raise RuntimeError("the decoder read-out of S is not fitted (the trainer fits it when the fold "
                                "finishes: dist_decode.model.readout)")
+        mu = (self.common_residual(x) - self.readout_offset) @ self.readout_weight.T
+        return mu, self.readout_logvar.expand_as(mu)
+
+    def common_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """What the common branch leaves of volumes ``x``: ``x - decode(c_mean, 0)`` on the read-out's mask
+        voxels, network units (N, V); the input of the decoder read-out."""
         c_mu, _ = self.encode_common(x)
         twin = self.decode_normalized(c_mu, c_mu.new_zeros(len(c_mu), self.latent_specific))
-        r = (self._prep(x) - twin).flatten(1).index_select(1, self.readout_index) - self.readout_offset
-        mu = r @ self.readout_weight.T
-        return mu, self.readout_logvar.expand_as(mu)
+        return (self._prep(x) - twin).flatten(1).index_select(1, self.readout_index)
 
     def encode_specific_encoder(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior ``(mu, logvar)`` of the S encoder for volumes ``x`` (N, 1, X, Y, Z)."""

@@ -64,8 +64,8 @@ def _voxel_chunks(n: int):
 
 
 @torch.no_grad()
-def salient_patterns(model, mask_index: torch.Tensor) -> torch.Tensor:
-    """The salient decoder's patterns ``W`` (ds, V) on the mask voxels, network units.
+def salient_patterns(model) -> torch.Tensor:
+    """The salient decoder's patterns ``W`` (ds, V) on the read-out's mask voxels, network units.
 
     Raises
     ------
@@ -73,6 +73,7 @@ def salient_patterns(model, mask_index: torch.Tensor) -> torch.Tensor:
         When the salient branch is not linear in s (a nonlinear conv decoder), so no closed form exists.
     """
     ds = model.latent_specific
+    mask_index = model.readout_index
     device = mask_index.device
     eye = torch.eye(ds, dtype=torch.float32, device=device)
     w = model.salient_normalized(eye).flatten(1).index_select(1, mask_index).double()
@@ -87,18 +88,16 @@ def salient_patterns(model, mask_index: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fit_salient_readout(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], mask_index: torch.Tensor,
-                        noise_var: float, what: str = "the training subjects") -> SalientReadout:
+def fit_salient_readout(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], noise_var: float,
+                        what: str = "the training subjects") -> SalientReadout:
     """Fit the read-out of a trained additive DECODE-SZ ``model`` (module docstring).
 
     Parameters
     ----------
     model : DecodeSZ
-        Trained, eval mode, fp32.
+        Trained, eval mode, fp32, built with ``specific_readout="decoder"`` (its mask voxels are read).
     batches : iterable of (Tensor, Tensor)
         ``(model input (N, 1, X, Y, Z), patient flags (N,))`` of the training subjects.
-    mask_index : Tensor
-        Flat indices of the brain mask on the model grid (on the model's device).
     noise_var : float
         The fold's eigen noise variance (network units).
     what : str
@@ -115,9 +114,7 @@ def fit_salient_readout(model, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     for x, patient in batches:
         x = x.float()
         patient = patient.bool()
-        c_mu, _ = model.encode_common(x)
-        twin = model.decode_normalized(c_mu, torch.zeros(len(x), model.latent_specific, device=x.device))
-        r = (model._prep(x) - twin).flatten(1).index_select(1, mask_index)
+        r = model.common_residual(x)
         if (~patient).any():
             resid_ctl.append(r[~patient].cpu())
         if patient.any():
@@ -130,7 +127,7 @@ def fit_salient_readout(model, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     dev = torch.cat(resid_ctl)  # (n_c, V) float32: the largest array (1 GB for 500 controls at 1.5 mm)
     offset = dev.double().mean(0)
     dev -= offset.float()  # the deviations, in place
-    w = salient_patterns(model, mask_index).cpu()  # (ds, V)
+    w = salient_patterns(model).cpu()  # (ds, V)
     # W P = W - (W D^T) K^+ D for the deviations D (n_c, V) and their Gram matrix K = D D^T, accumulated in
     # float64 over voxel chunks so that no float64 copy of D exists
     gram = torch.zeros(len(dev), len(dev), dtype=torch.float64)

@@ -230,8 +230,8 @@ class FoldTrainer:
         model = model.float().eval().to(self.device)
         if getattr(model, "specific_readout", "encoder") == "decoder":
             train = np.sort(plan.train)
-            readout = fit_salient_readout(model, inputs.batches(train, cfg.train.batch_size), inputs.mask_index,
-                                          noise_var, what=f"fold {plan.fold}'s training subjects")
+            readout = fit_salient_readout(model, inputs.batches(train, cfg.train.batch_size), noise_var,
+                                          what=f"fold {plan.fold}'s training subjects")
             model.set_readout(readout)
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             log.info("fold %d (%s): S read from the salient decoder (%d training controls span %d directions, "
