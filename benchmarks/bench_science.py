@@ -39,6 +39,9 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
     "S from the encoder": ("model.specific_readout encoder: S features (RSA, maps) from the S encoder, not the "
                            "salient decoder's closed-form posterior (the default until 2026-12-02)",
                            ['model.specific_readout="encoder"'], []),
+    "C from the encoder": ("model.common_readout encoder: C features (RSA, recovery) are the C encoder's means, not "
+                           "the twin's coordinates on the common decoder's axes (the default until 2026-12-02)",
+                           ['model.common_readout="encoder"'], []),
     "no TIV scaling": ("data.proportional_scaling none", ['data.proportional_scaling="none"'], []),
     "no smoothing": ("data.smooth_fwhm_mm 0", ["data.smooth_fwhm_mm=0"], []),
     "no site normalisation": ("data.site_gain, site_center off", ["data.site_gain=false", "data.site_center=false"],
@@ -58,9 +61,9 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
     "bottleneck 32": ("model.bottleneck 32 (the convolutional encoders read 2,560 features, not 1,280)",
                       ["model.bottleneck=32"], []),
     "nonlinear encoders": ("model.encoder nonlinear (GroupNorm + SiLU)", ['model.encoder="nonlinear"'], []),
-    "fixed noise": ("loss.noise fixed (summed squared error, the old recon term; S from the encoder: the decoder "
-                    "read-out needs the eigen noise level)", ['loss.noise="fixed"', 'model.specific_readout="encoder"'],
-                    []),
+    "fixed noise": ("loss.noise fixed (summed squared error, the old recon term; S and C from the encoders: the "
+                    "decoder read-outs need the eigen noise level)",
+                    ['loss.noise="fixed"', 'model.specific_readout="encoder"', 'model.common_readout="encoder"'], []),
     "no control-S penalty": ("loss.control_s_weight 0", ["loss.control_s_weight=0"], []),
     "no C matching": ("loss.match_c none", ['loss.match_c="none"'], []),
     "+ TC term": ("loss.gamma_tc 10 (FactorVAE discriminator)", ["loss.gamma_tc=10"], []),
@@ -97,7 +100,7 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
                            "model.channels=[8,16,32]", "model.hidden=64", 'loss.noise="fixed"',
                            "loss.control_s_weight=1", "loss.gamma_tc=10", 'loss.match_c="none"', "train.steps=200",
                            "train.batch_size=4", 'train.precision="bf16"', "train.checkpoint_every=100",
-                           'model.specific_readout="encoder"'],
+                           'model.specific_readout="encoder"', 'model.common_readout="encoder"'],
                           ['maps.kind="jacobian"', 'maps.test_on="effect"', 'maps.extent="significant"',
                            'maps.threshold="fdr"', "maps.syn_iterations=[40,20,0]", "maps.syn_flow_sigma=3"]),
 }

@@ -129,6 +129,13 @@ class ModelConfig:
         the fold finishes (:mod:`dist_decode.model.readout`; needs the additive route, a linear salient branch
         and ``loss.noise = "eigen"``); ``encoder``, the S encoder's own posterior. Training uses the S encoder
         either way.
+    common_readout : {"decoder", "encoder"}
+        Where a trained DECODE-SZ model's C features (its RSA of C and the recovery figures of C) come from:
+        ``decoder``, the healthy twin's coordinates on the principal axes of the training subjects' twins that
+        decode more variance than the noise level, each scaled to the prior's unit variance (the geometry of a
+        converged linear VAE; :mod:`dist_decode.model.readout`; same needs as ``specific_readout``);
+        ``encoder``, the C encoder's posterior means. The twins and maps decode the C encoder's latents either
+        way.
     """
 
     name: Literal["decode_sz", "vae", "anchor2022"] = "decode_sz"
@@ -147,6 +154,7 @@ class ModelConfig:
     decoder_activation: Literal["linear", "silu"] = "linear"
     route: Literal["additive", "joint"] = "additive"
     specific_readout: Literal["decoder", "encoder"] = "decoder"
+    common_readout: Literal["decoder", "encoder"] = "decoder"
 
     def __post_init__(self) -> None:
         for name in ("latent_common", "latent_specific", "hidden", "bottleneck", "norm_groups",
@@ -160,12 +168,14 @@ class ModelConfig:
                  "'dense' needs model.route 'additive' (a dense joint decoder is the same linear map)")
         _require("model.output", self.output == "linear" or self.route == "joint",
                  f"{self.output!r} exists for model.route 'joint' only (the additive branches are linear)")
-        if self.name == "decode_sz" and self.specific_readout == "decoder":
-            _require("model.specific_readout", self.route == "additive",
-                     "'decoder' needs model.route 'additive' (set model.specific_readout=\"encoder\")")
-            _require("model.specific_readout", self.decoder == "dense" or self.decoder_activation == "linear",
-                     "'decoder' needs a salient branch linear in s: model.decoder 'dense' or "
-                     "model.decoder_activation 'linear' (or set model.specific_readout=\"encoder\")")
+        for field, branch in (("specific_readout", "salient branch linear in s"),
+                              ("common_readout", "common branch linear in c")):
+            if self.name == "decode_sz" and getattr(self, field) == "decoder":
+                _require(f"model.{field}", self.route == "additive",
+                         f"'decoder' needs model.route 'additive' (set model.{field}=\"encoder\")")
+                _require(f"model.{field}", self.decoder == "dense" or self.decoder_activation == "linear",
+                         f"'decoder' needs a {branch}: model.decoder 'dense' or "
+                         f"model.decoder_activation 'linear' (or set model.{field}=\"encoder\")")
 
 
 @dataclass
@@ -481,10 +491,11 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         m = self.model
-        if m.name == "decode_sz" and m.specific_readout == "decoder":
-            _require("model.specific_readout", self.loss.noise == "eigen",
-                     "'decoder' needs loss.noise 'eigen' (its posterior uses the fold's noise level; or set "
-                     "model.specific_readout=\"encoder\")")
+        for field in ("specific_readout", "common_readout"):
+            if m.name == "decode_sz" and getattr(m, field) == "decoder":
+                _require(f"model.{field}", self.loss.noise == "eigen",
+                         f"'decoder' needs loss.noise 'eigen' (it uses the fold's noise level; or set "
+                         f"model.{field}=\"encoder\")")
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -530,7 +541,8 @@ class RunConfig:
 #: Fields added with a default that differs from what runs did before them: (section, field) -> the behaviour of
 #: a run whose saved config predates the field (:meth:`RunConfig.from_saved`).
 SAVED_BEFORE_FIELD: dict[tuple[str, str], Any] = {("data", "site_reference"): "all",
-                                                  ("model", "specific_readout"): "encoder"}
+                                                  ("model", "specific_readout"): "encoder",
+                                                  ("model", "common_readout"): "encoder"}
 
 #: Named settings on top of the defaults. ``gpu`` is the default (full CAT12 grid, convolutional decoder);
 #: ``cpu`` is the documented choice for cohorts at 3-4 mm on CPU: encoders on a 6 mm resampling, a dense decoder

@@ -157,6 +157,9 @@ def test_report_on_complete_run(full_run):
     # the RSA section says where the S features came from (the run's config)
     decoder = RunConfig.from_saved(full_run / "config.json").model.specific_readout == "decoder"
     assert "S features:" in html and ("closed-form" in html) == decoder and ("S encoder" in html) != decoder
+    c_decoder = RunConfig.from_saved(full_run / "config.json").model.common_readout == "decoder"
+    assert "C features:" in html and ("healthy twin on the" in html) == c_decoder
+    assert ("C encoder's posterior means" in html) != c_decoder
 
 
 def test_report_skips_unchanged_inputs_and_rebuilds_on_change(full_run):

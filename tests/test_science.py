@@ -1,6 +1,8 @@
 """The properties the DECODE-SZ design relies on (docs/science.md), on real modules with random tensors."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -333,33 +335,156 @@ def test_the_decoder_readout_is_the_closed_form_posterior_and_blind_to_what_cont
     # saved and rebuilt, it reads the same
     cfg = override(RunConfig(), ['model.decoder="dense"', "model.latent_common=5", "model.latent_specific=3",
                                  "model.channels=[4, 8, 8]", "model.bottleneck=4", "model.hidden=16",
-                                 "model.norm_groups=4"])
+                                 "model.norm_groups=4", 'model.common_readout="encoder"'])
     again = build_model(cfg, GRID, mask=mask)
     again.load_state_dict(m.state_dict())
     with torch.no_grad():
         assert torch.equal(again.eval().encode_specific(xn)[0], s_hat)
 
 
+def _common_readout_model(seed: int, scale: torch.Tensor | None = None) -> DecodeSZ:
+    """A dense DECODE-SZ with random common patterns and a spread-out C encoder; ``scale`` reparametrises its C
+    latent space (encoder output k times 1/scale_k, decoder pattern k times scale_k: the same twins)."""
+    torch.manual_seed(seed)
+    m = DecodeSZ(GRID, 5, 3, decoder="dense", mask=_mask(), common_readout="decoder", **TINY)
+    with torch.no_grad():
+        m.common_decoder.dense.weight.normal_()
+        m.common_decoder.dense.bias.normal_()
+        m.common.head.mu.weight.mul_(20.0)
+        if scale is not None:
+            m.common_decoder.dense.weight.mul_(scale[None, :])
+            m.common.head.mu.weight.div_(scale[:, None])
+            m.common.head.mu.bias.div_(scale)
+    return m.eval()
+
+
+def test_the_common_readout_is_the_twin_on_its_principal_axes_at_the_prior_scale():
+    """``model.common_readout="decoder"``: C's features are the twin's deviation on the principal axes of the
+    training twins that decode more than the noise level, each divided by sqrt(d_i + sigma^2), so that their
+    variance is the pPCA posterior's d/(d + sigma^2) whatever scale the optimiser left each latent direction at;
+    the twins themselves (decode(c, 0), the maps' input) do not change."""
+    from dist_decode.model.readout import fit_common_readout
+
+    m = _common_readout_model(7)
+    idx = _mask().flatten().nonzero().squeeze(1)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(60, 1, *GRID, generator=g)
+    batches = [(x[k:k + 16], torch.zeros(len(x[k:k + 16]), dtype=torch.bool)) for k in range(0, 60, 16)]
+    with torch.no_grad():
+        c = m.encode_common(x)[0]
+        twins = m.common_normalized(c).flatten(1)[:, idx].double()
+    # the explicit construction (small V): principal axes of the training twins
+    dev = twins - twins.mean(0)
+    d, axes = torch.linalg.eigh(dev.T @ dev / (len(dev) - 1))
+    d, axes = d.flip(0)[:5], axes.flip(1)[:, :5]
+    noise = float((d[2] * d[3]).sqrt())  # between the 3rd and 4th axes: 3 axes decode more than the noise
+    with pytest.raises(RuntimeError, match="not fitted"):
+        m.common_features(c)
+    ro = fit_common_readout(m, batches, noise)
+    assert ro.weight.shape == (3, 5) and ro.n_subjects == 60
+    assert torch.allclose(ro.variances.double(), d, rtol=1e-3, atol=1e-6 * float(d[0]))
+    m.set_common_readout(ro)
+    with torch.no_grad():
+        f = m.common_features(c).double()
+    want = dev @ axes[:, :3] / (d[:3] + noise).sqrt()
+    for k in range(3):  # each axis up to its sign
+        sign = float(torch.sign((f[:, k] * want[:, k]).sum()))
+        assert torch.allclose(sign * f[:, k], want[:, k], atol=1e-3 * float(want[:, k].abs().max()))
+    assert torch.allclose(f.var(0), d[:3] / (d[:3] + noise), rtol=1e-3)
+    # blind to the scale (and so the optimiser's history) of each latent direction: the same twins, the same C
+    other = _common_readout_model(7, scale=torch.tensor([4.0, 0.25, 1.0, 9.0, 0.5]))
+    with torch.no_grad():
+        c2 = other.encode_common(x)[0]
+        assert torch.allclose(other.common_normalized(c2), m.common_normalized(c), atol=1e-3)
+    other.set_common_readout(fit_common_readout(other, batches, noise))
+    with torch.no_grad():
+        f2 = other.common_features(c2).double()
+    d_f, d_f2 = torch.cdist(f, f), torch.cdist(f2, f2)  # the RSA reads distances: identical
+    assert torch.allclose(d_f2, d_f, atol=1e-3 * float(d_f.max()))
+    assert torch.cdist(c2, c2).sub(torch.cdist(c, c)).abs().max() > 0.1 * torch.cdist(c, c).max()  # raw C differs
+    # posterior samples go through the same map; saved and rebuilt, it reads the same
+    assert m.common_features(c[None].expand(2, -1, -1)).shape == (2, 60, 3)
+    cfg = override(RunConfig(), ['model.decoder="dense"', "model.latent_common=5", "model.latent_specific=3",
+                                 "model.channels=[4, 8, 8]", "model.bottleneck=4", "model.hidden=16",
+                                 "model.norm_groups=4", 'model.specific_readout="encoder"'])
+    again = build_model(cfg, GRID, mask=_mask())
+    again.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again.eval().common_features(c), m.common_features(c))
+    # a C that decodes nothing above the noise keeps its strongest axis
+    assert len(fit_common_readout(m, batches, float(d[0]) * 10).weight) == 1
+    with pytest.raises(ValueError, match="at least 3 subjects"):
+        fit_common_readout(m, [(x[:2], None)], noise)
+    with pytest.raises(ValueError, match="positive noise"):
+        fit_common_readout(m, batches, 0.0)
+
+
+def test_the_diagnosis_auc_finds_a_low_variance_direction_in_any_basis():
+    """C diagnosis AUC: a diagnosis difference in a low-variance direction mixed into high-variance columns (as
+    in the C encoder's raw means) is found, and rotating or rescaling the features does not change the AUC."""
+    from dist_decode.analysis.recovery import cv_auc
+
+    rng = np.random.default_rng(3)
+    n = 60
+    y = np.arange(n) % 2 == 0
+    z = np.c_[rng.normal(0, 5.0, (n, 4)), rng.normal(0, 0.1, n) + 0.15 * y]  # diagnosis: direction 5, sd 0.1
+    q, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+    x = z @ q.T  # every column mixes the strong directions and the weak one
+    auc = cv_auc(x, y, 0)
+    assert auc > 0.75
+    other = x @ np.linalg.qr(rng.normal(size=(5, 5)))[0] * np.array([1.0, 10.0, 0.1, 3.0, 1.0])
+    assert abs(cv_auc(other, y, 0) - auc) < 1e-6
+    assert cv_auc(rng.normal(size=(n, 5)), y, 0) < 0.75
+    assert cv_auc(np.ones((n, 2)), y, 0) == 0.5  # no variance: chance
+
+
+def test_feature_space_c_is_the_readout_when_the_file_has_one(tmp_path: Path):
+    from dist_decode.contracts import features as features_contract
+
+    n = 4
+    base = dict(participant_id=np.array([f"sub-{i}" for i in range(n)]), site=np.array(["A"] * n),
+                diagnosis=np.array(["SZ", "HC"] * 2), split=np.array(["test"] * n),
+                c_mean=np.arange(n * 5, dtype=np.float32).reshape(n, 5), s_mean=np.zeros((n, 3), np.float32),
+                c_samples=np.ones((n, 2, 5), np.float32))
+    old = features_contract.read(features_contract.write(tmp_path / "old.h5", features_contract.FoldFeatures(**base)))
+    assert np.array_equal(old.space("C"), base["c_mean"]) and old.space_datasets("C") == ("c_mean", "c_samples")
+    read = np.full((n, 2), 3.0, np.float32)
+    new = features_contract.read(features_contract.write(tmp_path / "new.h5", features_contract.FoldFeatures(
+        **base, c_readout_mean=read, c_readout_samples=np.zeros((n, 2, 2), np.float32))))
+    assert np.array_equal(new.space("C"), read) and new.space("C", samples=True).shape == (2, n, 2)
+    assert np.array_equal(new.c_mean, base["c_mean"])  # the decoder's own latents stay (the maps decode them)
+    assert new.take(np.array([0, 2])).space("C").shape == (2, 2)
+
+
 def test_the_decoder_readout_needs_a_linear_salient_branch_and_the_eigen_noise():
     from dist_decode.model.readout import salient_patterns
 
-    assert RunConfig().model.specific_readout == "decoder" == profile_config("cpu").model.specific_readout
-    with pytest.raises(ValueError, match="model.specific_readout.*linear in s"):
-        override(RunConfig(), ['model.decoder_activation="silu"'])
-    with pytest.raises(ValueError, match="model.specific_readout.*route 'additive'"):
-        override(RunConfig(), ['model.route="joint"'])
-    with pytest.raises(ValueError, match="model.specific_readout.*loss.noise 'eigen'"):
-        override(RunConfig(), ['loss.noise="fixed"'])
-    assert override(RunConfig(), ['model.route="joint"', 'model.specific_readout="encoder"']).model.route == "joint"
-    # a conv salient branch with SiLU (the config refuses it with the decoder read-out) has no closed form
-    m = DecodeSZ(GRID, 5, 3, decoder="conv", decoder_activation="silu", mask=_mask(), specific_readout="decoder",
-                 **TINY)
-    with torch.no_grad():
-        for p in m.salient_decoder.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    with pytest.raises(ValueError, match="not linear in s"):
-        salient_patterns(m)
+    for field, other, branch in (("specific_readout", "common_readout", "linear in s"),
+                                 ("common_readout", "specific_readout", "linear in c")):
+        assert getattr(RunConfig().model, field) == "decoder" == getattr(profile_config("cpu").model, field)
+        off = f'model.{other}="encoder"'
+        with pytest.raises(ValueError, match=f"model.{field}.*{branch}"):
+            override(RunConfig(), ['model.decoder_activation="silu"', off])
+        with pytest.raises(ValueError, match=f"model.{field}.*route 'additive'"):
+            override(RunConfig(), ['model.route="joint"', off])
+        with pytest.raises(ValueError, match=f"model.{field}.*loss.noise 'eigen'"):
+            override(RunConfig(), ['loss.noise="fixed"', off])
+    both = ['model.specific_readout="encoder"', 'model.common_readout="encoder"']
+    assert override(RunConfig(), ['model.route="joint"', *both]).model.route == "joint"
+    # a conv branch with SiLU (the config refuses it with a decoder read-out) has no closed form
+    from dist_decode.model.readout import common_patterns
+
+    for field, branch, patterns, match in (("specific_readout", "salient_decoder", salient_patterns, "not linear in s"),
+                                           ("common_readout", "common_decoder", common_patterns, "not linear in c")):
+        m = DecodeSZ(GRID, 5, 3, decoder="conv", decoder_activation="silu", mask=_mask(), **{field: "decoder"},
+                     **TINY)
+        with torch.no_grad():
+            for p in getattr(m, branch).parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        with pytest.raises(ValueError, match=match):
+            patterns(m)
     # a config saved before the read-out existed keeps the encoder
     saved = RunConfig().to_dict()
-    del saved["model"]["specific_readout"]
-    assert RunConfig.from_saved_dict(saved).model.specific_readout == "encoder"
+    del saved["model"]["specific_readout"], saved["model"]["common_readout"]
+    old = RunConfig.from_saved_dict(saved).model
+    assert old.specific_readout == "encoder" == old.common_readout

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from dist_decode.config import RunConfig, override
+from dist_decode.contracts import features as features_contract
 from dist_decode.train.distributed import StopFlag, first_host, free_port, setup_env
 from dist_decode.normalise import model_inputs
 from dist_decode.train import deepspeed_config
@@ -127,6 +128,8 @@ def test_two_rank_deepspeed_fold_writes_every_output(reference_run: Path, tiny_s
         assert np.all(np.isfinite(f["recon_error"][...])) and np.all(f["recon_error"][...] > 0)
         assert f.attrs["n_parameters"] == n_params and f.attrs["site"] == store.sites[FOLD]
         c_mean, s_mean, s_logvar = f["c_mean"][...], f["s_mean"][...], f["s_logvar"][...]
+        c_read, c_read_samples = f["c_readout_mean"][...], f["c_readout_samples"][...]
+        c_samples = f["c_samples"][...]
 
     # the analysis stages' loader gives back the same model (fp32, CPU, eval, no DeepSpeed)
     model, cfg2 = load_fold_model(fold_dir)
@@ -146,6 +149,19 @@ def test_two_rank_deepspeed_fold_writes_every_output(reference_run: Path, tiny_s
     assert np.allclose(s_mu.numpy(), s_mean[:3], atol=1e-4 * max(1.0, float(np.abs(s_mean).max())))
     assert not np.allclose(s_mu.numpy(), s_enc.numpy(), atol=1e-3)
     assert np.all(s_logvar == s_logvar[0])  # one posterior covariance for every subject
+    # C's features come from the common decoder's read-out: a linear map of the C encoder's means and samples,
+    # fitted on the training subjects (unit-ish variance there on every kept axis); the twin still decodes c_mean
+    assert cfg.model.common_readout == "decoder"
+    k = int(model.common_readout_rank)
+    assert 1 <= k <= cfg.model.latent_common and c_read.shape == (n, k) and c_read_samples.shape == (n, 3, k)
+    with torch.no_grad():
+        expect = model.common_features(torch.from_numpy(c_mean)).numpy()
+        expect_samples = model.common_features(torch.from_numpy(c_samples)).numpy()
+    assert np.allclose(c_read, expect, atol=1e-4) and np.allclose(c_read_samples, expect_samples, atol=1e-4)
+    var = c_read[sp == "train"].var(0)
+    assert np.all(var > 0) and np.all(var < 1.0 + 1e-3)
+    feats = features_contract.read(fold_dir / "features.h5")
+    assert np.array_equal(feats.space("C"), c_read.astype(np.float64))
 
 
 @pytest.mark.slow

@@ -27,11 +27,11 @@ import nibabel as nib
 import numpy as np
 from nilearn.image import resample_to_img
 from scipy.spatial.distance import pdist
+from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from dist_decode.contracts import features as features_contract
 from dist_decode.contracts.run import RunDir
@@ -102,13 +102,43 @@ def rdm_tau(features: np.ndarray, factors: np.ndarray) -> float | None:
     return float(tau_a(a, b))
 
 
+class Whitening(BaseEstimator, TransformerMixin):
+    """Centre and whiten features on the subjects it is fitted to (principal axes, each scaled to unit variance;
+    directions without variance dropped).
+
+    Why not a per-column standardisation: a penalised classifier of standardised columns depends on the feature
+    basis. A latent space whose diagnosis signal lies in a low-variance direction mixed into high-variance columns
+    then looks free of diagnosis (the C encoder's raw means did: docs/science.md). After whitening, every direction
+    is penalised alike, so the AUC is the same in any basis of the same features.
+    """
+
+    def fit(self, x: np.ndarray, y: np.ndarray | None = None) -> "Whitening":
+        x = np.asarray(x, float)
+        self.mean_ = x.mean(0)
+        _, sv, vt = np.linalg.svd(x - self.mean_, full_matrices=False)
+        keep = sv > 1e-8 * sv.max() if sv.size and sv.max() > 0 else np.zeros(len(sv), bool)
+        if not keep.any():  # no variance at all: one constant feature (the classifier then scores chance)
+            keep[:1] = True
+            sv = np.where(keep, 1.0, sv)
+        self.projection_ = vt[keep].T / (sv[keep] / math.sqrt(max(1, len(x) - 1)))
+        return self
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return (np.asarray(x, float) - self.mean_) @ self.projection_
+
+
+def diagnosis_classifier():
+    """Whitening, then a logistic regression: the classifier of every diagnosis AUC."""
+    return make_pipeline(Whitening(), LogisticRegression(max_iter=2000))
+
+
 def cv_auc(x: np.ndarray, y: np.ndarray, seed: int) -> float | None:
-    """Stratified cross-validated AUC of a standardised logistic regression (None if a class has < 2 cases)."""
+    """Stratified cross-validated AUC of :func:`diagnosis_classifier` (None if a class has < 2 cases)."""
     y = np.asarray(y, bool)
     k = int(min(5, y.sum(), (~y).sum()))
     if k < 2 or np.asarray(x).shape[1] == 0:
         return None
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    clf = diagnosis_classifier()
     cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed % 2**31)
     score = cross_val_predict(clf, x, y, cv=cv, method="decision_function")
     return float(roc_auc_score(y, score))
@@ -118,7 +148,7 @@ def transfer_auc(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndar
     """AUC on the held-out site of a classifier trained on the training sites' subjects."""
     if ytr.all() or not ytr.any() or yte.all() or not yte.any() or np.asarray(xtr).shape[1] == 0:
         return None
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(xtr, ytr)
+    clf = diagnosis_classifier().fit(xtr, ytr)
     return float(roc_auc_score(yte, clf.decision_function(xte)))
 
 

@@ -9,10 +9,15 @@ every subject of the new store, in store order, with ``split`` = ``apply`` (and 
     index                                      int64, the subject's row in the store
     c_mean, c_logvar, s_mean, s_logvar         float32 (n, dc) / (n, ds): posterior means and log-variances
     c_samples, s_samples                       float32 (n, K, d): posterior samples
+    c_readout_mean, c_readout_samples          float32 (n, k) / (n, K, k), optional: C's features from the decoder
+                                               read-out (``model.common_readout = "decoder"``), the same linear
+                                               map of c_mean and c_samples
     recon_error                                float32 (n,): masked mean squared error of the reconstruction
 
 and attributes ``fold``, ``site``, ``model``, ``n_parameters``, ``grid``, ``seed``, ``steps`` (+ ``noise_var``).
 The trainer writes it (:func:`write`); the RSA, maps, analysis and report stages read it (:func:`read`).
+Feature space ``C`` (what the RSA and the analyses read, :meth:`FoldFeatures.space`) is the read-out when the file
+has one, else ``c_mean``; the maps decode ``c_mean`` / ``c_samples`` (the decoder's own latents) either way.
 """
 from __future__ import annotations
 
@@ -28,10 +33,11 @@ from dist_decode.fsutil import atomic_path, disk_full_errors, open_hdf5
 
 FILE = "features.h5"
 TEXT = ("participant_id", "site", "diagnosis", "split")
-ARRAYS = ("c_mean", "c_logvar", "s_mean", "s_logvar", "c_samples", "s_samples", "recon_error")
+ARRAYS = ("c_mean", "c_logvar", "s_mean", "s_logvar", "c_samples", "s_samples", "recon_error", "c_readout_mean",
+          "c_readout_samples")
 REQUIRED = TEXT + ("c_mean", "s_mean")
-#: Feature spaces: name -> (posterior means, posterior samples) datasets.
-SPACES = {"S": ("s_mean", "s_samples"), "C": ("c_mean", "c_samples")}
+#: Feature spaces: name -> (posterior means, posterior samples) datasets, first the preferred pair when present.
+SPACES = {"S": (("s_mean", "s_samples"),), "C": (("c_readout_mean", "c_readout_samples"), ("c_mean", "c_samples"))}
 
 
 @dataclass
@@ -50,6 +56,8 @@ class FoldFeatures:
     c_samples: np.ndarray | None = None
     s_samples: np.ndarray | None = None
     recon_error: np.ndarray | None = None
+    c_readout_mean: np.ndarray | None = None
+    c_readout_samples: np.ndarray | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -66,9 +74,15 @@ class FoldFeatures:
         """The held-out site's subjects (``split == "test"``)."""
         return self.take(self.split == "test")
 
+    def space_datasets(self, name: str) -> tuple[str, str]:
+        """The (means, samples) datasets feature space ``name`` reads."""
+        pairs = SPACES[name]
+        return next((pair for pair in pairs if getattr(self, pair[0]) is not None), pairs[-1])
+
     def space(self, name: str, samples: bool = False) -> np.ndarray:
-        """Feature space ``S`` or ``C``: posterior means (n, d) or samples arranged (K, n, d)."""
-        mean_key, samples_key = SPACES[name]
+        """Feature space ``S`` or ``C``: posterior means (n, d) or samples arranged (K, n, d); C is the decoder
+        read-out when the file has one."""
+        mean_key, samples_key = self.space_datasets(name)
         if not samples:
             return np.asarray(getattr(self, mean_key), np.float64)
         x = getattr(self, samples_key)

@@ -18,6 +18,9 @@
 * ``specific_readout="decoder"``: after training, :meth:`DecodeSZ.encode_specific` returns the closed-form
   posterior of s under the trained salient branch (:mod:`dist_decode.model.readout`) instead of the S encoder's
   output; the encoder still trains the model and sets that posterior's prior.
+* ``common_readout="decoder"``: after training, :meth:`DecodeSZ.common_features` returns the healthy twin's
+  coordinates on the principal axes of the trained common branch (:mod:`dist_decode.model.readout`) instead of
+  the C encoder's means. Twins and maps still decode the C encoder's latents (:meth:`encode_common`).
 * The network works on any grid: encoder inputs are zero-padded to a multiple of ``2**len(channels)`` (after an
   optional resampling to ``encoder_grid``) and conv-decoder outputs cropped back.
 """
@@ -124,7 +127,7 @@ def encoder_mask(mask: torch.Tensor, enc_grid: Sequence[int], pads: list[tuple[i
 
 def dense_mask(grid: Sequence[int], encoder: str, decoder: str, mask: torch.Tensor | None,
                readout: bool = False) -> torch.Tensor | None:
-    """The brain mask a dense encoder or decoder (or the decoder read-out of S) needs (a copy), or None when
+    """The brain mask a dense encoder or decoder (or a decoder read-out of S or C) needs (a copy), or None when
     nothing needs one.
 
     Raises
@@ -135,8 +138,8 @@ def dense_mask(grid: Sequence[int], encoder: str, decoder: str, mask: torch.Tens
     if encoder != "dense" and decoder != "dense" and not readout:
         return None
     if mask is None or tuple(mask.shape) != tuple(grid):
-        raise ValueError(f"a dense encoder or decoder, or the decoder read-out of S, needs the brain mask of the "
-                         f"grid {tuple(grid)}")
+        raise ValueError(f"a dense encoder or decoder, or a decoder read-out of S or C, needs the brain mask of "
+                         f"the grid {tuple(grid)}")
     return mask.bool().clone()
 
 
@@ -267,6 +270,10 @@ class DecodeSZ(nn.Module):
         Where :meth:`encode_specific` takes S from after training: the S encoder, or the closed-form posterior
         of the trained salient decoder (:mod:`dist_decode.model.readout`; fitted by :meth:`set_readout`, needs
         the additive route and a linear salient branch). Training always uses the S encoder.
+    common_readout : {"encoder", "decoder"}
+        Where :meth:`common_features` takes C's features from after training: the C encoder's posterior, or the
+        twin's coordinates on the common branch's principal axes (fitted by :meth:`set_common_readout`; same
+        needs). Training, twins and maps always use the C encoder.
     """
 
     name = "decode_sz"
@@ -289,32 +296,43 @@ class DecodeSZ(nn.Module):
         route: str = "additive",
         mask: torch.Tensor | None = None,
         specific_readout: str = "encoder",
+        common_readout: str = "encoder",
     ) -> None:
         super().__init__()
         if len(grid) != 3 or min(grid) < 1:
             raise ValueError(f"grid {grid!r}: expected three positive sizes")
         for name, value, choices in (("encoder", encoder, ENCODERS), ("decoder", decoder, DECODERS),
-                                     ("route", route, ROUTES), ("specific_readout", specific_readout, READOUTS)):
+                                     ("route", route, ROUTES), ("specific_readout", specific_readout, READOUTS),
+                                     ("common_readout", common_readout, READOUTS)):
             if value not in choices:
                 raise ValueError(f"model.{name} {value!r}: expected one of {list(choices)}")
         if decoder == "dense" and route != "additive":
             raise ValueError("model.decoder 'dense' needs model.route 'additive'")
-        if specific_readout == "decoder" and route != "additive":
-            raise ValueError("model.specific_readout 'decoder' needs model.route 'additive'")
+        for name, value in (("specific_readout", specific_readout), ("common_readout", common_readout)):
+            if value == "decoder" and route != "additive":
+                raise ValueError(f"model.{name} 'decoder' needs model.route 'additive'")
         self.grid = tuple(int(g) for g in grid)
         self.enc_grid = tuple(int(g) for g in (encoder_grid or grid))
         self.latent_common, self.latent_specific = latent_common, latent_specific
         self.route = route
         enc_padded = padded_shape(self.enc_grid, len(channels))
         self._enc_pads = pad_amounts(self.enc_grid, enc_padded)
-        brain = dense_mask(self.grid, encoder, decoder, mask, readout=specific_readout == "decoder")
+        readout = "decoder" in (specific_readout, common_readout)
+        brain = dense_mask(self.grid, encoder, decoder, mask, readout=readout)
         if brain is not None:
             self.register_buffer("mask", brain)
-        self.specific_readout = specific_readout
+        self.specific_readout, self.common_readout = specific_readout, common_readout
+        if readout:
+            self.register_buffer("readout_index", brain.flatten().nonzero().squeeze(1), persistent=False)
+        if common_readout == "decoder":
+            # the fitted C read-out: its first common_readout_rank rows (zeros until set_common_readout)
+            dc = latent_common
+            self.register_buffer("common_readout_weight", torch.zeros(dc, dc))
+            self.register_buffer("common_readout_offset", torch.zeros(dc))
+            self.register_buffer("common_readout_rank", torch.tensor(0.0))  # float: every engine casts it alike
         if specific_readout == "decoder":
             # the fitted read-out (zeros until set_readout; saved with the weights in model_final.pt)
             n_mask, ds = int(brain.sum()), latent_specific
-            self.register_buffer("readout_index", brain.flatten().nonzero().squeeze(1), persistent=False)
             self.register_buffer("readout_weight", torch.zeros(ds, n_mask))
             self.register_buffer("readout_offset", torch.zeros(n_mask))
             self.register_buffer("readout_logvar", torch.zeros(ds))
@@ -355,6 +373,42 @@ class DecodeSZ(nn.Module):
     def encode_common(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior ``(mu, logvar)`` of C for volumes ``x`` (N, 1, X, Y, Z)."""
         return self.common(self._encoder_input(self._prep(x)))
+
+    def common_features(self, c: torch.Tensor) -> torch.Tensor:
+        """C's features for C-encoder latents ``c`` (N, dc) or samples (..., dc): ``c`` itself, or with
+        ``common_readout="decoder"`` the twin's coordinates on the used principal axes (N, k), k <= dc.
+
+        Raises
+        ------
+        RuntimeError
+            When the decoder read-out is configured but not fitted yet (the trainer fits it after training).
+        """
+        if self.common_readout == "encoder":
+            return c
+        rank = int(self.common_readout_rank)
+        if not rank:
+            raise RuntimeError("the decoder read-out of C is not fitted (the trainer fits it when the fold "
+                               "finishes: dist_decode.model.readout)")
+        return (c - self.common_readout_offset) @ self.common_readout_weight[:rank].T
+
+    def set_common_readout(self, readout) -> None:
+        """Install a fitted :class:`~dist_decode.model.readout.CommonReadout`."""
+        if self.common_readout != "decoder":
+            raise ValueError("set_common_readout needs model.common_readout 'decoder'")
+        rank, dc = readout.weight.shape
+        if dc != self.latent_common or not 1 <= rank <= dc:
+            raise ValueError(f"C read-out weight of shape {(rank, dc)}, expected (k, {self.latent_common}) with "
+                             f"1 <= k <= {self.latent_common}")
+        self.common_readout_weight.zero_()
+        self.common_readout_weight[:rank].copy_(readout.weight)
+        self.common_readout_offset.copy_(readout.offset)
+        self.common_readout_rank.fill_(float(rank))
+
+    def common_normalized(self, c: torch.Tensor) -> torch.Tensor:
+        """The common branch alone, ``decode(c, 0)`` in network units (additive route)."""
+        if self.route != "additive":
+            raise ValueError("the common branch is defined for model.route 'additive' only")
+        return self._branch(self.common_decoder, c)
 
     def encode_specific(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior ``(mu, logvar)`` of S for volumes ``x`` (N, 1, X, Y, Z): from the S encoder, or from the

@@ -4,7 +4,8 @@ Used by the trainer for a fold's own subjects (:mod:`dist_decode.train.export`) 
 new cohort. Posterior samples are drawn from a generator seeded by (run seed, subject's store index), so they do
 not depend on batch composition, world size or device. ``recon_error`` is the masked mean squared error (model
 units) of the reconstruction from the posterior means: ``decode(c_mean, s_mean)`` for patients,
-``decode(c_mean, 0)`` for controls.
+``decode(c_mean, 0)`` for controls. A model with the decoder read-out of C (``common_readout="decoder"``) also
+gets ``c_readout_mean`` / ``c_readout_samples``: the read-out of the same means and samples.
 """
 from __future__ import annotations
 
@@ -54,8 +55,10 @@ def extract_features(model: torch.nn.Module, batches: Iterable, meta: dict[str, 
     progress : bool
         Show a tqdm bar.
     """
+    read_c = getattr(model, "common_readout", "encoder") == "decoder"
     cols: dict[str, list[np.ndarray]] = {k: [] for k in (
-        "c_mean", "c_logvar", "s_mean", "s_logvar", "c_samples", "s_samples", "recon_error", "index")}
+        "c_mean", "c_logvar", "s_mean", "s_logvar", "c_samples", "s_samples", "recon_error", "index")
+        + (("c_readout_mean", "c_readout_samples") if read_c else ())}
     idx_mask = mask_index.to(device)
     for x, patient, index in tqdm(batches, desc=f"features {attrs.get('site', '')}", unit="batch", mininterval=5,
                                   leave=False, disable=not progress):
@@ -72,9 +75,12 @@ def extract_features(model: torch.nn.Module, batches: Iterable, meta: dict[str, 
                                                                         device=device))
             ss.append(s_mu[j] + torch.exp(0.5 * s_lv[j]) * torch.randn((samples, s_mu.shape[1]), generator=g,
                                                                         device=device))
-        for k, v in (("c_mean", c_mu), ("c_logvar", c_lv), ("s_mean", s_mu), ("s_logvar", s_lv),
-                     ("c_samples", torch.stack(cs)), ("s_samples", torch.stack(ss)), ("recon_error", err),
-                     ("index", index)):
+        out = {"c_mean": c_mu, "c_logvar": c_lv, "s_mean": s_mu, "s_logvar": s_lv, "c_samples": torch.stack(cs),
+               "s_samples": torch.stack(ss), "recon_error": err, "index": index}
+        if read_c:
+            out["c_readout_mean"] = model.common_features(c_mu)
+            out["c_readout_samples"] = model.common_features(out["c_samples"])
+        for k, v in out.items():
             cols[k].append(v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy())
     data = {k: np.concatenate(v) for k, v in cols.items()}
     if not np.array_equal(data["index"], np.asarray(meta["index"])):

@@ -1,4 +1,8 @@
-"""The S read-out of a trained DECODE-SZ model from its salient decoder: the posterior mean of s in closed form.
+"""The read-outs of a trained DECODE-SZ model from its decoder: S as the posterior mean of s in closed form, C as
+the healthy twin's coordinates on the common branch's principal axes.
+
+S read-out
+----------
 
 Why. The S encoder is fitted patient by patient; the salient decoder's patterns are fitted to all patients
 together. On planted cohorts with weak, narrow or few-patient effects the decoder's patterns point to the planted
@@ -28,6 +32,28 @@ With ``P`` the projection off the control span, the posterior is Gaussian with::
 
 :func:`fit_salient_readout` computes ``R``, ``mu0`` and ``log diag(cov)`` from the training subjects without
 forming ``P`` or the span's basis (V x V and n x V): only the controls' residual Gram matrix (n x n).
+
+C read-out
+----------
+Why. The C encoder's means carry the common factors but weight them by an optimisation artefact: with the
+budgets of the profiles, the scale of each latent direction has not settled where the ELBO puts it (the
+training subjects' means vary 4-9x more than the N(0, I) prior along the strong directions and ~1x along a
+weak one such as age), so Euclidean distances in C, which the RSA reads, are dominated by a few directions.
+And directions the common branch barely decodes (less image variance than the noise) still carry signal, e.g.
+diagnosis, that a classifier on the raw means can find but the twin does not show (docs/science.md, *C read
+from the decoder*).
+
+The read-out puts C in the geometry of a converged linear VAE (probabilistic PCA with the decoder's subspace):
+with ``Wc`` (dc, V) the common branch's patterns, ``K`` the covariance of the training subjects' C means, the
+twins' image covariance ``Wc^T K Wc`` has principal axes ``e_i`` and variances ``d_i``. A subject's feature ``i``
+is its twin's deviation from the training mean on ``e_i``, divided by ``sqrt(d_i + sigma^2)``; the axes kept are
+those with ``d_i > sigma^2`` (they decode more than the noise level ``sigma^2`` the model was trained with). The
+features have variance ``d_i / (d_i + sigma^2) = 1 - sigma^2 / lambda_i`` over the training subjects, the
+posterior-mean variance of a pPCA direction with data variance ``lambda_i``, and their Euclidean distances are the
+Mahalanobis distances of the twins under the model's marginal image covariance ``Wc^T K Wc + sigma^2 I`` on the
+kept axes. In latent terms ``f = A (c - m)``, ``A = D^-1/2 P^T G^1/2`` with ``G = Wc Wc^T`` and ``P``, ``D`` the
+eigenvectors and -values of ``G^1/2 K G^1/2`` (dc x dc; no V-sized matrix beyond ``Wc``). It needs no label:
+every training subject counts alike.
 """
 from __future__ import annotations
 
@@ -63,6 +89,24 @@ def _voxel_chunks(n: int):
         yield slice(start, min(n, start + VOXEL_CHUNK))
 
 
+def _affine_patterns(branch, dim: int, index: torch.Tensor, what: str) -> torch.Tensor:
+    """``branch(e_k) - branch(0)`` for each unit vector ``e_k`` of ``dim`` latents, on the ``index`` voxels (float64),
+    after checking on two random inputs that ``branch`` is affine (a ValueError naming ``what`` otherwise)."""
+    def on_mask(z: torch.Tensor) -> torch.Tensor:
+        return branch(z).flatten(1).index_select(1, index).double()
+
+    device = index.device
+    base = on_mask(torch.zeros((1, dim), device=device))
+    w = on_mask(torch.eye(dim, device=device)) - base
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn((2, dim), generator=g).to(device)
+    err = (on_mask(a) - base - a.double() @ w).abs().max() / w.abs().max().clamp_min(1e-30)
+    if err > 1e-3:
+        raise ValueError(f"the {what} (relative deviation {float(err):.2g}): the decoder read-out needs "
+                         "model.decoder 'dense' or model.decoder_activation 'linear'")
+    return w
+
+
 @torch.no_grad()
 def salient_patterns(model) -> torch.Tensor:
     """The salient decoder's patterns ``W`` (ds, V) on the read-out's mask voxels, network units.
@@ -72,19 +116,8 @@ def salient_patterns(model) -> torch.Tensor:
     ValueError
         When the salient branch is not linear in s (a nonlinear conv decoder), so no closed form exists.
     """
-    ds = model.latent_specific
-    mask_index = model.readout_index
-    device = mask_index.device
-    eye = torch.eye(ds, dtype=torch.float32, device=device)
-    w = model.salient_normalized(eye).flatten(1).index_select(1, mask_index).double()
-    g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn((2, ds), generator=g).to(device)
-    lhs = model.salient_normalized(a).flatten(1).index_select(1, mask_index).double()
-    err = (lhs - a.double() @ w).abs().max() / w.abs().max().clamp_min(1e-30)
-    if err > 1e-3:
-        raise ValueError(f"the salient branch is not linear in s (relative deviation {float(err):.2g}): the "
-                         "decoder read-out needs model.decoder 'dense' or model.decoder_activation 'linear'")
-    return w
+    return _affine_patterns(model.salient_normalized, model.latent_specific, model.readout_index,
+                            "salient branch is not linear in s")
 
 
 @torch.no_grad()
@@ -153,3 +186,71 @@ def fit_salient_readout(model, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     cov = noise_var * torch.linalg.inv(a)
     return SalientReadout(weight=weight.float(), offset=offset.float(), logvar=cov.diagonal().log().float(),
                           n_controls=n_c, n_patients=n_p, span_rank=int(keep.sum()))
+
+
+@dataclass
+class CommonReadout:
+    """A fitted C read-out: ``f = weight @ (c - offset)`` for C-encoder means ``c``."""
+
+    weight: torch.Tensor  # (k, dc)
+    offset: torch.Tensor  # (dc,)
+    variances: torch.Tensor  # (dc,) d_i of every axis, decreasing (network units)
+    noise_var: float
+    n_subjects: int
+
+
+@torch.no_grad()
+def common_patterns(model) -> torch.Tensor:
+    """The common branch's patterns ``Wc`` (dc, V): ``decode(e_k, 0) - decode(0, 0)`` on the read-out's mask
+    voxels, network units.
+
+    Raises
+    ------
+    ValueError
+        When the common branch is not affine in c (a nonlinear conv decoder), so the read-out is undefined.
+    """
+    return _affine_patterns(model.common_normalized, model.latent_common, model.readout_index,
+                            "common branch is not linear in c")
+
+
+@torch.no_grad()
+def fit_common_readout(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], noise_var: float,
+                       what: str = "the training subjects") -> CommonReadout:
+    """Fit the C read-out of a trained additive DECODE-SZ ``model`` (module docstring).
+
+    Parameters
+    ----------
+    model : DecodeSZ
+        Trained, eval mode, fp32, built with ``common_readout="decoder"``.
+    batches : iterable of (Tensor, Tensor)
+        ``(model input (N, 1, X, Y, Z), patient flags (N,))`` of the training subjects (the flags are not used:
+        every subject counts alike).
+    noise_var : float
+        The fold's eigen noise variance (network units).
+    what : str
+        Names the subjects in error messages.
+
+    Raises
+    ------
+    ValueError
+        With fewer than 3 subjects, or a noise variance that is not positive.
+    """
+    if not noise_var or noise_var <= 0:
+        raise ValueError(f"the decoder read-out of C needs a positive noise variance, got {noise_var!r}")
+    means = [model.encode_common(x.float())[0].double().cpu() for x, _ in batches]
+    c = torch.cat(means) if means else torch.zeros((0, model.latent_common), dtype=torch.float64)
+    if len(c) < 3:
+        raise ValueError(f"the decoder read-out of C needs at least 3 subjects among {what} (got {len(c)})")
+    w = common_patterns(model).cpu()  # (dc, V) float64
+    gram = w @ w.T
+    gv, gq = torch.linalg.eigh(0.5 * (gram + gram.T))
+    g_half = (gq * gv.clamp_min(0).sqrt()) @ gq.T
+    offset = c.mean(0)
+    cov = torch.cov(c.T).reshape(len(gram), len(gram))
+    d, p = torch.linalg.eigh(g_half @ cov @ g_half)
+    d, p = d.flip(0).clamp_min(0), p.flip(1)
+    # at least the strongest axis: a C that decodes nothing above the noise still gets one feature
+    rank = max(1, int((d > noise_var).sum()))
+    weight = (p[:, :rank].T @ g_half) / (d[:rank] + noise_var).sqrt()[:, None]
+    return CommonReadout(weight=weight.float(), offset=offset.float(), variances=d.float(),
+                         noise_var=float(noise_var), n_subjects=len(c))
