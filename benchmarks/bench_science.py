@@ -44,6 +44,8 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
                            ['model.common_readout="encoder"'], []),
     "no TIV scaling": ("data.proportional_scaling none", ['data.proportional_scaling="none"'], []),
     "no smoothing": ("data.smooth_fwhm_mm 0", ["data.smooth_fwhm_mm=0"], []),
+    "smoothing 4 mm": ("data.smooth_fwhm_mm 4 (half the default 8 mm: for small or narrow effects)",
+                       ["data.smooth_fwhm_mm=4"], []),
     "no site normalisation": ("data.site_gain, site_center off", ["data.site_gain=false", "data.site_center=false"],
                               []),
     "encoders at the data grid": ("model.encoder_voxel_mm 0 (the encoders see the data grid, not 6 mm)",

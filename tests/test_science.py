@@ -413,6 +413,10 @@ def test_the_common_readout_is_the_twin_on_its_principal_axes_at_the_prior_scale
         assert torch.equal(again.eval().common_features(c), m.common_features(c))
     # a C that decodes nothing above the noise keeps its strongest axis
     assert len(fit_common_readout(m, batches, float(d[0]) * 10).weight) == 1
+    # the full-grid (gpu profile) branch: a conv decoder without activations is affine, so it has a read-out too
+    conv = DecodeSZ(GRID, 5, 3, decoder="conv", mask=_mask(), common_readout="decoder", **TINY).eval()
+    conv_ro = fit_common_readout(conv, batches, 1e-12)
+    assert 1 <= len(conv_ro.weight) <= 5 and torch.isfinite(conv_ro.weight).all()
     with pytest.raises(ValueError, match="at least 3 subjects"):
         fit_common_readout(m, [(x[:2], None)], noise)
     with pytest.raises(ValueError, match="positive noise"):
