@@ -132,8 +132,8 @@ class ModelConfig:
     common_readout : {"decoder", "encoder"}
         Where a trained DECODE-SZ model's C features (its RSA of C and the recovery figures of C) come from:
         ``decoder``, the healthy twin's coordinates on the principal axes of the training subjects' twins that
-        decode more variance than the noise level, each scaled to the prior's unit variance (the geometry of a
-        converged linear VAE; :mod:`dist_decode.model.readout`; same needs as ``specific_readout``);
+        decode more variance than the noise level, each at the scale a converged linear VAE gives it
+        (:mod:`dist_decode.model.readout`; same needs as ``specific_readout``);
         ``encoder``, the C encoder's posterior means. The twins and maps decode the C encoder's latents either
         way.
     """

@@ -6,9 +6,9 @@ The report (:mod:`dist_decode.report.apply`) renders them; nothing else computes
   and how much the new store's brain mask overlaps the run's (the models' mask, used for every map);
 * ``models``: per fold model, on the new cohort: subjects encoded, mean reconstruction error (masked MSE, model
   units) beside the same model's on its own held-out site, and the SZ/HC separability (AUC of a whitened
-  logistic regression, recovery.Whitening) of the new subjects' S and C posterior means, (a) ``auc_s``/``auc_c``: stratified k-fold
-  cross-validated within the new cohort, (b) ``auc_s_transfer``/``auc_c_transfer``: trained on the model's own
-  training subjects (the run's ``features.h5``) and applied to the new cohort;
+  logistic regression, recovery.Whitening) of the new subjects' S and C posterior means, (a) ``auc_s``/``auc_c``:
+  stratified k-fold cross-validated within the new cohort, (b) ``auc_s_transfer``/``auc_c_transfer``: trained on
+  the model's own training subjects (the run's ``features.h5``) and applied to the new cohort;
 * ``maps``: per new site the patients mapped and the mean effect map's extremes (of the mean over models); per
   model the correlation, inside the brain mask, of its per-site mean effect maps with the mean over the models
   (agreement between models);

@@ -1,8 +1,8 @@
 """Per-fold numbers: held-out counts, reconstruction error, how well S and C separate diagnosis, size, time.
 
 The AUCs are those of a logistic regression on whitened posterior means (the same in any basis of the features:
-:class:`~dist_decode.analysis.recovery.Whitening`): cross-validated within the held-out site (``auc_s``, ``auc_c``), and trained on the training sites then applied to the held-out site
-(``..._transfer``).
+:class:`~dist_decode.analysis.recovery.Whitening`): cross-validated within the held-out site (``auc_s``,
+``auc_c``), and trained on the training sites then applied to the held-out site (``..._transfer``).
 """
 from __future__ import annotations
 

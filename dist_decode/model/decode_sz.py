@@ -427,10 +427,12 @@ class DecodeSZ(nn.Module):
         mu = (self.common_residual(x) - self.readout_offset) @ self.readout_weight.T
         return mu, self.readout_logvar.expand_as(mu)
 
-    def common_residual(self, x: torch.Tensor) -> torch.Tensor:
+    def common_residual(self, x: torch.Tensor, c_mu: torch.Tensor | None = None) -> torch.Tensor:
         """What the common branch leaves of volumes ``x``: ``x - decode(c_mean, 0)`` on the read-out's mask
-        voxels, network units (N, V); the input of the decoder read-out."""
-        c_mu, _ = self.encode_common(x)
+        voxels, network units (N, V); the input of the decoder read-out. ``c_mu``: the C encoder's means of ``x``
+        when the caller has them already."""
+        if c_mu is None:
+            c_mu, _ = self.encode_common(x)
         twin = self.decode_normalized(c_mu, c_mu.new_zeros(len(c_mu), self.latent_specific))
         return (self._prep(x) - twin).flatten(1).index_select(1, self.readout_index)
 

@@ -141,17 +141,12 @@ def fit_salient_readout(model, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     ValueError
         With fewer than 2 patients or 2 controls, or a noise variance that is not positive.
     """
-    if not noise_var or noise_var <= 0:
-        raise ValueError(f"the decoder read-out needs a positive noise variance, got {noise_var!r}")
-    resid_ctl, s_pat = [], []
-    for x, patient in batches:
-        x = x.float()
-        patient = patient.bool()
-        r = model.common_residual(x)
-        if (~patient).any():
-            resid_ctl.append(r[~patient].cpu())
-        if patient.any():
-            s_pat.append(model.encode_specific_encoder(x[patient])[0].double().cpu())
+    return fit_readouts(model, batches, noise_var, what, salient=True, common=False)[0]
+
+
+def _salient_readout(model, resid_ctl: list[torch.Tensor], s_pat: list[torch.Tensor], noise_var: float,
+                     what: str) -> SalientReadout:
+    """The S read-out from the training controls' residuals and the training patients' S-encoder means."""
     n_c = sum(len(r) for r in resid_ctl)
     n_p = sum(len(s) for s in s_pat)
     if n_c < 2 or n_p < 2:
@@ -235,9 +230,11 @@ def fit_common_readout(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor
     ValueError
         With fewer than 3 subjects, or a noise variance that is not positive.
     """
-    if not noise_var or noise_var <= 0:
-        raise ValueError(f"the decoder read-out of C needs a positive noise variance, got {noise_var!r}")
-    means = [model.encode_common(x.float())[0].double().cpu() for x, _ in batches]
+    return fit_readouts(model, batches, noise_var, what, salient=False, common=True)[1]
+
+
+def _common_readout(model, means: list[torch.Tensor], noise_var: float, what: str) -> CommonReadout:
+    """The C read-out from the training subjects' C-encoder means."""
     c = torch.cat(means) if means else torch.zeros((0, model.latent_common), dtype=torch.float64)
     if len(c) < 3:
         raise ValueError(f"the decoder read-out of C needs at least 3 subjects among {what} (got {len(c)})")
@@ -254,3 +251,34 @@ def fit_common_readout(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor
     weight = (p[:, :rank].T @ g_half) / (d[:rank] + noise_var).sqrt()[:, None]
     return CommonReadout(weight=weight.float(), offset=offset.float(), variances=d.float(),
                          noise_var=float(noise_var), n_subjects=len(c))
+
+
+@torch.no_grad()
+def fit_readouts(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], noise_var: float,
+                 what: str = "the training subjects", salient: bool = True,
+                 common: bool = True) -> tuple[SalientReadout | None, CommonReadout | None]:
+    """Fit the S read-out (``salient``) and the C read-out (``common``) in one pass over ``batches``: each
+    volume is read and its C encoded once for both (:func:`fit_salient_readout`, :func:`fit_common_readout`).
+
+    Raises
+    ------
+    ValueError
+        A noise variance that is not positive, or too few subjects for a read-out (naming ``what``).
+    """
+    if not noise_var or noise_var <= 0:
+        raise ValueError(f"the decoder read-outs need a positive noise variance, got {noise_var!r}")
+    resid_ctl, s_pat, c_means = [], [], []
+    for x, patient in batches:
+        x = x.float()
+        c_mu = model.encode_common(x)[0]
+        if common:
+            c_means.append(c_mu.double().cpu())
+        if salient:
+            patient = patient.bool()
+            r = model.common_residual(x, c_mu)
+            if (~patient).any():
+                resid_ctl.append(r[~patient].cpu())
+            if patient.any():
+                s_pat.append(model.encode_specific_encoder(x[patient])[0].double().cpu())
+    return (_salient_readout(model, resid_ctl, s_pat, noise_var, what) if salient else None,
+            _common_readout(model, c_means, noise_var, what) if common else None)

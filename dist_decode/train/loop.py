@@ -24,7 +24,7 @@ from dist_decode.config import RunConfig
 from dist_decode.data import BalancedBatchSampler
 from dist_decode.fsutil import atomic_path, atomic_write_json, disk_full_errors
 from dist_decode.model import build_model, loss_kind
-from dist_decode.model.readout import fit_common_readout, fit_salient_readout
+from dist_decode.model.readout import fit_readouts
 from dist_decode.train import checkpoint, distributed
 from dist_decode.train.engine import build_engine, resolve_precision
 from dist_decode.train.export import extract_features, final_state_dict, save_model
@@ -228,26 +228,26 @@ class FoldTrainer:
         model = build_model(cfg, inputs.grid, mask=inputs.mask.cpu(), voxel_mm=inputs.voxel_mm)
         model.load_state_dict(state)
         model = model.float().eval().to(self.device)
-        train = np.sort(plan.train)
-        what = f"fold {plan.fold}'s training subjects"
-        if getattr(model, "specific_readout", "encoder") == "decoder":
-            readout = fit_salient_readout(model, inputs.batches(train, cfg.train.batch_size), noise_var, what=what)
-            model.set_readout(readout)
-            log.info("fold %d (%s): S read from the salient decoder (%d training controls span %d directions, "
-                     "prior from %d training patients)", plan.fold, plan.site, readout.n_controls,
-                     readout.span_rank, readout.n_patients)
-        if getattr(model, "common_readout", "encoder") == "decoder":
-            c_read = fit_common_readout(model, inputs.batches(train, cfg.train.batch_size), noise_var, what=what)
-            model.set_common_readout(c_read)
-            rank = len(c_read.weight)
-            ratios = ", ".join(f"{float(v) / noise_var:.3g}" for v in c_read.variances[:rank + 1])
-            if float(c_read.variances[0]) <= noise_var:
-                log.warning("fold %d (%s): no axis of the common branch decodes more than the noise level; C's "
-                            "features keep its strongest axis only", plan.fold, plan.site)
-            log.info("fold %d (%s): C read from the common decoder, %d axes (twin variance / noise: %s)",
-                     plan.fold, plan.site, rank, ratios)
-        if "decoder" in (getattr(model, "specific_readout", None), getattr(model, "common_readout", None)):
-            # the fitted read-outs are buffers: saved with the weights
+        read_s = getattr(model, "specific_readout", "encoder") == "decoder"
+        read_c = getattr(model, "common_readout", "encoder") == "decoder"
+        if read_s or read_c:
+            # one pass over the training subjects fits both read-outs; they are buffers, saved with the weights
+            s_read, c_read = fit_readouts(model, inputs.batches(np.sort(plan.train), cfg.train.batch_size), noise_var,
+                                          what=f"fold {plan.fold}'s training subjects", salient=read_s, common=read_c)
+            if s_read is not None:
+                model.set_readout(s_read)
+                log.info("fold %d (%s): S read from the salient decoder (%d training controls span %d directions, "
+                         "prior from %d training patients)", plan.fold, plan.site, s_read.n_controls,
+                         s_read.span_rank, s_read.n_patients)
+            if c_read is not None:
+                model.set_common_readout(c_read)
+                rank = len(c_read.weight)
+                ratios = ", ".join(f"{float(v) / noise_var:.3g}" for v in c_read.variances[:rank + 1])
+                if float(c_read.variances[0]) <= noise_var:
+                    log.warning("fold %d (%s): no axis of the common branch decodes more than the noise level; "
+                                "C's features keep its strongest axis only", plan.fold, plan.site)
+                log.info("fold %d (%s): C read from the common decoder, %d axes (twin variance / noise: %s)",
+                         plan.fold, plan.site, rank, ratios)
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         save_model(plan.fold_dir / "model_final.pt", {
             "config": cfg.to_dict(), "state_dict": state, "grid": list(inputs.grid), "voxel_mm": inputs.voxel_mm,
