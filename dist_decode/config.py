@@ -129,6 +129,11 @@ class ModelConfig:
         the fold finishes (:mod:`dist_decode.model.readout`; needs the additive route, a linear salient branch
         and ``loss.noise = "eigen"``); ``encoder``, the S encoder's own posterior. Training uses the S encoder
         either way.
+    specific_readout_input : {"volume", "residual"}
+        What the decoder read-out of S reads: ``volume``, each subject's (normalised) volume, with anything in the
+        span of the training controls' volumes under a flat prior (what a control can show says nothing about
+        s), so that S does not depend on the C encoder's estimate of c; ``residual``, the volume minus the healthy
+        twin decoded from the C encoder's mean (the behaviour until 2026-12-02).
     common_readout : {"decoder", "encoder"}
         Where a trained DECODE-SZ model's C features (its RSA of C and the recovery figures of C) come from:
         ``decoder``, the healthy twin's coordinates on the principal axes of the training subjects' twins that
@@ -154,6 +159,7 @@ class ModelConfig:
     decoder_activation: Literal["linear", "silu"] = "linear"
     route: Literal["additive", "joint"] = "additive"
     specific_readout: Literal["decoder", "encoder"] = "decoder"
+    specific_readout_input: Literal["volume", "residual"] = "volume"
     common_readout: Literal["decoder", "encoder"] = "decoder"
 
     def __post_init__(self) -> None:
@@ -542,7 +548,8 @@ class RunConfig:
 #: a run whose saved config predates the field (:meth:`RunConfig.from_saved`).
 SAVED_BEFORE_FIELD: dict[tuple[str, str], Any] = {("data", "site_reference"): "all",
                                                   ("model", "specific_readout"): "encoder",
-                                                  ("model", "common_readout"): "encoder"}
+                                                  ("model", "common_readout"): "encoder",
+                                                  ("model", "specific_readout_input"): "residual"}
 
 #: Named settings on top of the defaults. ``gpu`` is the default (full CAT12 grid, convolutional decoder);
 #: ``cpu`` is the documented choice for cohorts at 3-4 mm on CPU: encoders on a 6 mm resampling, a dense decoder

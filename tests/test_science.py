@@ -258,8 +258,8 @@ def test_profiles_share_the_methods():
 
 
 def _readout_model(seed: int) -> DecodeSZ:
-    """A dense DECODE-SZ whose common branch is zero (twin = 0, residual = volume) and whose salient patterns
-    are random, so the read-out's input is known exactly."""
+    """A dense DECODE-SZ whose common branch is zero (twin = 0, residual = volume, so either read-out input gives
+    the same) and whose salient patterns are random, so the read-out's input is known exactly."""
     torch.manual_seed(seed)
     m = DecodeSZ(GRID, 5, 3, decoder="dense", mask=_mask(), specific_readout="decoder", **TINY)
     with torch.no_grad():
@@ -269,9 +269,9 @@ def _readout_model(seed: int) -> DecodeSZ:
 
 
 def test_the_decoder_readout_is_the_closed_form_posterior_and_blind_to_what_controls_show():
-    """``model.specific_readout="decoder"``: s = R (r - mu0), R = (W P W^T + sigma^2 Lambda^-1)^-1 W P, with P
-    the projection off the training controls' residual span: nothing a training control varies along moves S,
-    and a planted salient effect is read back."""
+    """``model.specific_readout="decoder"``: s = R (x - mu0), R = (W P W^T + sigma^2 Lambda^-1)^-1 W P, with P
+    the projection off the training controls' span: nothing a training control varies along moves S, and a
+    planted salient effect is read back."""
     from dist_decode.model.readout import fit_salient_readout
 
     m = _readout_model(4)
@@ -340,6 +340,54 @@ def test_the_decoder_readout_is_the_closed_form_posterior_and_blind_to_what_cont
     again.load_state_dict(m.state_dict())
     with torch.no_grad():
         assert torch.equal(again.eval().encode_specific(xn)[0], s_hat)
+
+
+def test_the_readout_of_the_volume_needs_no_estimate_of_c_and_the_residual_one_plugs_it_in():
+    """``model.specific_readout_input``: "volume" (the default) reads each volume with the controls' span under a
+    flat prior, so neither the C encoder nor the common branch moves S; "residual" reads ``x - decode(c_mean, 0)``
+    (the earlier behaviour), so S follows the common branch."""
+    from dist_decode.model.readout import fit_salient_readout
+
+    idx = _mask().flatten().nonzero().squeeze(1)
+    g = torch.Generator().manual_seed(11)
+    x = torch.zeros(60, 1, *GRID)
+    x.view(60, -1)[:, idx] = torch.randn(60, idx.numel(), generator=g) + 0.2
+    patient = torch.arange(60) % 2 == 1
+    batches = [(x[k:k + 16], patient[k:k + 16]) for k in range(0, 60, 16)]
+
+    def fitted(seed: int, common_seed: int, read: str):
+        m = _readout_model(seed)
+        m.specific_readout_input = read
+        torch.manual_seed(common_seed)  # another common branch and C encoder, same salient branch and S encoder
+        with torch.no_grad():
+            # a common branch that also decodes along the salient patterns (as trained ones partly do)
+            sal = m.salient_decoder.dense.weight
+            m.common_decoder.dense.weight.copy_(sal @ torch.randn(sal.shape[1], m.latent_common))
+            for p in m.common.parameters():
+                p.normal_(0.0, 0.05)
+        ro = fit_salient_readout(m, batches, 0.1)
+        m.set_readout(ro)
+        with torch.no_grad():
+            return m, ro, m.encode_specific(x)[0]
+
+    (_, a, s_a), (_, b, s_b) = fitted(4, 1, "volume"), fitted(4, 2, "volume")
+    assert torch.allclose(a.weight, b.weight, atol=1e-5 * float(a.weight.abs().max())) and torch.equal(a.offset, b.offset)
+    assert torch.allclose(s_a, s_b, atol=1e-4 * float(s_a.abs().max()))
+    assert torch.allclose(a.offset.double(), x.view(60, -1)[~patient][:, idx].double().mean(0), atol=1e-5)
+    (m1, c, s_c), (_, d, s_d) = fitted(4, 1, "residual"), fitted(4, 2, "residual")
+    with torch.no_grad():
+        resid = m1.common_residual(x)
+    assert torch.allclose(c.offset.double(), resid[~patient].double().mean(0), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(s_c, (resid - c.offset) @ c.weight.T, atol=1e-5 * float(s_c.abs().max()))
+    assert (s_c - s_d).abs().max() > 0.1 * s_c.abs().max()
+    # a saved config without the field reads the residual, as runs did before it
+    saved = RunConfig().to_dict()
+    del saved["model"]["specific_readout_input"]
+    assert RunConfig.from_saved_dict(saved).model.specific_readout_input == "residual"
+    assert RunConfig().model.specific_readout_input == "volume"
+    with pytest.raises(ValueError, match="specific_readout_input"):
+        DecodeSZ(GRID, 5, 3, decoder="dense", mask=_mask(), specific_readout="decoder",
+                 specific_readout_input="twin", **TINY)
 
 
 def _common_readout_model(seed: int, scale: torch.Tensor | None = None) -> DecodeSZ:

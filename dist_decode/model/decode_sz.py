@@ -17,7 +17,8 @@
   ``decoder="conv"``: dense onto the coarsest grid, then x2 upsampling convolutions (the full 1.5 mm grid).
 * ``specific_readout="decoder"``: after training, :meth:`DecodeSZ.encode_specific` returns the closed-form
   posterior of s under the trained salient branch (:mod:`dist_decode.model.readout`) instead of the S encoder's
-  output; the encoder still trains the model and sets that posterior's prior.
+  output; the encoder still trains the model and sets that posterior's prior. ``specific_readout_input``: what
+  that posterior reads, the volume itself or the residual after the healthy twin.
 * ``common_readout="decoder"``: after training, :meth:`DecodeSZ.common_features` returns the healthy twin's
   coordinates on the principal axes of the trained common branch (:mod:`dist_decode.model.readout`) instead of
   the C encoder's means. Twins and maps still decode the C encoder's latents (:meth:`encode_common`).
@@ -50,6 +51,7 @@ DECODERS = ("dense", "conv")
 ROUTES = ("additive", "joint")
 ACTIVATIONS = ("linear", "silu")
 READOUTS = ("encoder", "decoder")
+READOUT_INPUTS = ("volume", "residual")
 
 
 class Encoder3D(nn.Module):
@@ -270,6 +272,10 @@ class DecodeSZ(nn.Module):
         Where :meth:`encode_specific` takes S from after training: the S encoder, or the closed-form posterior
         of the trained salient decoder (:mod:`dist_decode.model.readout`; fitted by :meth:`set_readout`, needs
         the additive route and a linear salient branch). Training always uses the S encoder.
+    specific_readout_input : {"volume", "residual"}
+        What the decoder read-out of S reads (:meth:`readout_input`): ``volume``, the volume itself (anything in
+        the span of the training controls' volumes under a flat prior, c not estimated); ``residual``, the volume
+        minus the twin decoded from the C encoder's mean (that estimate of c plugged in).
     common_readout : {"encoder", "decoder"}
         Where :meth:`common_features` takes C's features from after training: the C encoder's posterior, or the
         twin's coordinates on the common branch's principal axes (fitted by :meth:`set_common_readout`; same
@@ -297,13 +303,15 @@ class DecodeSZ(nn.Module):
         mask: torch.Tensor | None = None,
         specific_readout: str = "encoder",
         common_readout: str = "encoder",
+        specific_readout_input: str = "volume",
     ) -> None:
         super().__init__()
         if len(grid) != 3 or min(grid) < 1:
             raise ValueError(f"grid {grid!r}: expected three positive sizes")
         for name, value, choices in (("encoder", encoder, ENCODERS), ("decoder", decoder, DECODERS),
                                      ("route", route, ROUTES), ("specific_readout", specific_readout, READOUTS),
-                                     ("common_readout", common_readout, READOUTS)):
+                                     ("common_readout", common_readout, READOUTS),
+                                     ("specific_readout_input", specific_readout_input, READOUT_INPUTS)):
             if value not in choices:
                 raise ValueError(f"model.{name} {value!r}: expected one of {list(choices)}")
         if decoder == "dense" and route != "additive":
@@ -322,6 +330,7 @@ class DecodeSZ(nn.Module):
         if brain is not None:
             self.register_buffer("mask", brain)
         self.specific_readout, self.common_readout = specific_readout, common_readout
+        self.specific_readout_input = specific_readout_input
         if readout:
             self.register_buffer("readout_index", brain.flatten().nonzero().squeeze(1), persistent=False)
         if common_readout == "decoder":
@@ -424,7 +433,7 @@ class DecodeSZ(nn.Module):
         if not float(self.readout_fitted):
             raise RuntimeError("the decoder read-out of S is not fitted (the trainer fits it when the fold "
                                "finishes: dist_decode.model.readout)")
-        mu = (self.common_residual(x) - self.readout_offset) @ self.readout_weight.T
+        mu = (self.readout_input(x) - self.readout_offset) @ self.readout_weight.T
         return mu, self.readout_logvar.expand_as(mu)
 
     def common_residual(self, x: torch.Tensor, c_mu: torch.Tensor | None = None) -> torch.Tensor:
@@ -435,6 +444,14 @@ class DecodeSZ(nn.Module):
             c_mu, _ = self.encode_common(x)
         twin = self.decode_normalized(c_mu, c_mu.new_zeros(len(c_mu), self.latent_specific))
         return (self._prep(x) - twin).flatten(1).index_select(1, self.readout_index)
+
+    def readout_input(self, x: torch.Tensor, c_mu: torch.Tensor | None = None) -> torch.Tensor:
+        """What the decoder read-out of S reads of volumes ``x`` (N, V), network units on its mask voxels: the
+        volume itself (``specific_readout_input="volume"``) or :meth:`common_residual` (``"residual"``, which
+        takes ``c_mu`` as it does)."""
+        if self.specific_readout_input == "residual":
+            return self.common_residual(x, c_mu)
+        return self._prep(x).flatten(1).index_select(1, self.readout_index)
 
     def encode_specific_encoder(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior ``(mu, logvar)`` of the S encoder for volumes ``x`` (N, 1, X, Y, Z)."""

@@ -11,27 +11,33 @@ and a linear salient branch, the exact posterior of s under the trained decoder 
 the encoder can be replaced by it after training. The encoder stays: training needs it (amortised inference), and
 its posterior means over the training patients set the prior below.
 
-The model, for a subject with common latent ``c`` (the C encoder's posterior mean) and residual
-``r = x - decode(c, 0)`` on the brain-mask voxels (network units)::
+The model, for a subject's volume ``x`` on the brain-mask voxels (network units)::
 
-    r = mu0 + W^T s + u + e
+    x = mu0 + W^T s + u + e
 
 * ``W`` (ds, V): the salient decoder's patterns, ``salient(e_k)`` for each unit vector ``e_k``;
-* ``mu0``: the training controls' mean residual;
-* ``u``: anything in the span of the training controls' residual deviations, under a flat prior (what a control
-  can show says nothing about s: site, scanner and common anatomy the common branch left over);
+* ``mu0``: the training controls' mean volume;
+* ``u``: anything in the span of the training controls' deviations from it, under a flat prior (what a control
+  can show says nothing about s: site, scanner and the common anatomy, c included without estimating it);
 * ``e ~ N(0, sigma^2 I)``: the eigen noise level the decoder was trained with (``loss.noise = "eigen"``);
 * ``s ~ N(0, Lambda)``: ``Lambda`` the covariance of the training patients' S-encoder posterior means (an
   empirical-Bayes prior: the directions the encoder uses, at the scale it uses them; directions it does not use
   are shrunk to zero).
 
+With ``model.specific_readout_input = "residual"`` (the behaviour until 2026-12-02) the model reads
+``r = x - decode(c, 0)`` instead, ``c`` the C encoder's posterior mean, and ``mu0`` and ``u`` are the controls'
+mean residual and the span of their residual deviations. Plugging in that estimate of c costs S: on the planted
+cohorts the common branch's patterns overlap the salient ones (in directions it decodes below the noise level),
+so the twin takes part of a patient's effect with it (docs/science.md, *S read from the volume*). For the same
+reason the common branch's patterns are not added to the flat-prior span: that lowers S further.
+
 With ``P`` the projection off the control span, the posterior is Gaussian with::
 
     cov  = sigma^2 (W P W^T + sigma^2 Lambda^-1)^-1
-    mean = R (r - mu0),   R = (W P W^T + sigma^2 Lambda^-1)^-1 W P
+    mean = R (x - mu0),   R = (W P W^T + sigma^2 Lambda^-1)^-1 W P
 
 :func:`fit_salient_readout` computes ``R``, ``mu0`` and ``log diag(cov)`` from the training subjects without
-forming ``P`` or the span's basis (V x V and n x V): only the controls' residual Gram matrix (n x n).
+forming ``P`` or the span's basis (V x V and n x V): only the Gram matrix of the controls' deviations (n x n).
 
 C read-out
 ----------
@@ -62,7 +68,7 @@ from typing import Iterable
 
 import torch
 
-#: Relative eigenvalue below which a direction of the controls' residual Gram matrix counts as empty.
+#: Relative eigenvalue below which a direction of the controls' deviation Gram matrix counts as empty.
 SPAN_RTOL = 1e-6
 #: Ridge added to the prior covariance, relative to its mean variance (keeps unused directions finite).
 PRIOR_JITTER = 1e-6
@@ -144,15 +150,16 @@ def fit_salient_readout(model, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     return fit_readouts(model, batches, noise_var, what, salient=True, common=False)[0]
 
 
-def _salient_readout(model, resid_ctl: list[torch.Tensor], s_pat: list[torch.Tensor], noise_var: float,
+def _salient_readout(model, read_ctl: list[torch.Tensor], s_pat: list[torch.Tensor], noise_var: float,
                      what: str) -> SalientReadout:
-    """The S read-out from the training controls' residuals and the training patients' S-encoder means."""
-    n_c = sum(len(r) for r in resid_ctl)
+    """The S read-out from what it reads of the training controls (:meth:`DecodeSZ.readout_input`) and the
+    training patients' S-encoder means."""
+    n_c = sum(len(r) for r in read_ctl)
     n_p = sum(len(s) for s in s_pat)
     if n_c < 2 or n_p < 2:
         raise ValueError(f"the decoder read-out needs at least 2 controls and 2 patients among {what} "
                          f"(got {n_c} controls, {n_p} patients)")
-    dev = torch.cat(resid_ctl)  # (n_c, V) float32: the largest array (1 GB for 500 controls at 1.5 mm)
+    dev = torch.cat(read_ctl)  # (n_c, V) float32: the largest array (1 GB for 500 controls at 1.5 mm)
     offset = dev.double().mean(0)
     dev -= offset.float()  # the deviations, in place
     w = salient_patterns(model).cpu()  # (ds, V)
@@ -267,7 +274,7 @@ def fit_readouts(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], no
     """
     if not noise_var or noise_var <= 0:
         raise ValueError(f"the decoder read-outs need a positive noise variance, got {noise_var!r}")
-    resid_ctl, s_pat, c_means = [], [], []
+    read_ctl, s_pat, c_means = [], [], []
     for x, patient in batches:
         x = x.float()
         c_mu = model.encode_common(x)[0]
@@ -275,10 +282,9 @@ def fit_readouts(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], no
             c_means.append(c_mu.double().cpu())
         if salient:
             patient = patient.bool()
-            r = model.common_residual(x, c_mu)
             if (~patient).any():
-                resid_ctl.append(r[~patient].cpu())
+                read_ctl.append(model.readout_input(x[~patient], c_mu[~patient]).cpu())
             if patient.any():
                 s_pat.append(model.encode_specific_encoder(x[patient])[0].double().cpu())
-    return (_salient_readout(model, resid_ctl, s_pat, noise_var, what) if salient else None,
+    return (_salient_readout(model, read_ctl, s_pat, noise_var, what) if salient else None,
             _common_readout(model, c_means, noise_var, what) if common else None)
