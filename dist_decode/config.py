@@ -430,11 +430,13 @@ class MapsConfig:
         Fraction of the cluster peak of the ``half_max`` extent.
     extent_unsmoothed : bool
         Measure the ``half_max`` extent on the effect before the smoothing the maps went through
-        (``data.smooth_fwhm_mm``, and ``smooth_fwhm_mm`` here): each cluster's width is taken from its
-        half-maximum volume, the smoothing is subtracted in quadrature, and the cut rises from
-        ``extent_fraction`` towards the peak as the cluster is narrower (at most 0.9 of it;
-        :func:`dist_decode.maps.group.half_max_extent`). An 8 mm smoothing otherwise widens a narrow loss to
-        2-3 times its size (docs/science.md, the *density* and *weak* cohorts).
+        (``data.smooth_fwhm_mm``, and ``smooth_fwhm_mm`` here), for clusters without a counter-ring: each
+        cluster's width is taken from its half-maximum volume, the smoothing is subtracted in quadrature, and the
+        cut rises from ``extent_fraction`` towards the peak as the cluster is narrower (at most 0.9 of it). A
+        cluster with opposite-signed mass around it (a displacement in a modulated map: a loss with the ring of
+        gain of the tissue it moved) keeps ``extent_fraction`` of the map as it is
+        (:func:`dist_decode.maps.group.half_max_extent`). An 8 mm smoothing otherwise widens a narrow density
+        loss to 2-3 times its size (docs/science.md, *Map variants*). Default on since 2026-12-02.
     variance_smoothing_mm : float
         FWHM (mm) of the variance smoothing of the ``fwe`` test (SnPM's pseudo-t; 0 = a plain t). Default 8 mm,
         the inputs' own smoothing (``data.smooth_fwhm_mm``), as SnPM advises. With the 10-15 patients of one
@@ -467,7 +469,7 @@ class MapsConfig:
     test_on: Literal["deviation", "effect"] = "deviation"
     extent: Literal["half_max", "significant"] = "half_max"
     extent_fraction: float = 0.5
-    extent_unsmoothed: bool = False
+    extent_unsmoothed: bool = True
     variance_smoothing_mm: float = 8.0
 
     def __post_init__(self) -> None:

@@ -217,6 +217,38 @@ def test_unsmoothed_extent_finds_a_narrow_effects_own_width_under_smoothing():
     np.testing.assert_array_equal(half_max_extent(significant, t, effect, 0.5, 0.0, (voxel,) * 3), plain)
 
 
+def test_the_unsmoothed_extent_leaves_a_displacement_at_its_half_maximum():
+    """A modulated map keeps the mass a displacement moves: a contraction is a loss with a ring of gain around it.
+    Smoothed at 8 mm, such a loss is already narrowed by its ring, so the unsmoothed extent must not cut it
+    further; a density loss of the same width (no ring) is cut to its own width."""
+    from scipy import ndimage
+
+    from dist_decode.maps.group import RING_SHARE, counter_ring_share
+
+    voxel = 2.0
+    grid = np.indices((60, 30, 30)).astype(float) * voxel
+    s = 4.0  # mm
+    r1 = np.sqrt((grid[0] - 30) ** 2 + (grid[1] - 30) ** 2 + (grid[2] - 30) ** 2)
+    r2 = np.sqrt((grid[0] - 90) ** 2 + (grid[1] - 30) ** 2 + (grid[2] - 30) ** 2)
+    gauss = lambda r, w: np.exp(-r ** 2 / (2 * w ** 2))  # noqa: E731
+    # the displacement: a loss and a twice as wide gain of the same mass; the density loss: the loss alone
+    raw = -gauss(r1, s) + gauss(r1, 2 * s) / 8 - gauss(r2, s)
+    assert abs(raw[r1 < 40].sum()) < 0.02 * gauss(r1, s).sum()  # the displacement's mass balances
+    effect = ndimage.gaussian_filter(raw, 8.0 / np.sqrt(8 * np.log(2)) / voxel)
+    t = effect / np.abs(effect).max() * 50
+    significant = np.abs(t) > 2.0
+    labels, n = ndimage.label(significant & (t < 0), structure=np.ones((3, 3, 3)))
+    assert n == 2
+    share = counter_ring_share(labels, n, -effect, 12.0, (voxel,) * 3)
+    disp, dens = labels[30 // 2, 15, 15] - 1, labels[90 // 2, 15, 15] - 1
+    assert share[disp] > 4 * RING_SHARE and share[dens] < 0.01 * RING_SHARE
+    plain = half_max_extent(significant, t, effect, 0.5)
+    unsmoothed = half_max_extent(significant, t, effect, 0.5, smoothing_fwhm_mm=8.0, voxel_mm=(voxel,) * 3)
+    near = [r1 < 25, r2 < 25]
+    np.testing.assert_array_equal(unsmoothed & near[0], plain & near[0])  # the displacement keeps its half max
+    assert (unsmoothed & near[1]).sum() < 0.6 * (plain & near[1]).sum()  # the density loss is cut to its width
+
+
 def test_recovery_metrics_and_goals():
     rng = np.random.default_rng(6)
     f = rng.normal(size=(20, 2))

@@ -470,7 +470,8 @@ def compute_group_maps(run: MapsRun, force: bool = False) -> dict[str, dict]:
         mean_effect = means["effect"] * mask
         keep = gm.binary > 0
         if mc.extent == "half_max":
-            keep = half_max_extent(keep, gm.t, mean_effect, mc.extent_fraction, extent_mm, voxel_sizes(run.affine))
+            keep = half_max_extent(keep, gm.t, mean_effect, mc.extent_fraction, extent_mm, voxel_sizes(run.affine),
+                                   tested=means[mc.test_on] * mask)
         signed = np.where(keep, gm.t, 0.0).astype(np.float32)
         sdir = run.site_dir(site)
         arrays = {"mean_effect": mean_effect, "mean_deviation": means["deviation"] * mask, "t": gm.t,
