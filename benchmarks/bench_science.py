@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 #: cohort -> (synth preset, seed)
 COHORTS = {"demo": ("demo", 0), "density": ("density", 1), "sites": ("sites", 2), "small": ("small", 3),
-           "two-factor": ("two-factor", 4), "weak": ("weak", 5), "unbalanced": ("unbalanced", 6)}
+           "two-factor": ("two-factor", 4), "weak": ("weak", 5), "unbalanced": ("unbalanced", 6), "density-sz": ("density-sz", 7)}
 
 #: variant -> (what it changes, training --set overrides, maps --set overrides); None = maps-only variant.
 VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
@@ -39,6 +39,9 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
     "S from the encoder": ("model.specific_readout encoder: S features (RSA, maps) from the S encoder, not the "
                            "salient decoder's closed-form posterior (the default until 2026-12-02)",
                            ['model.specific_readout="encoder"'], []),
+    "S read-out on the residual": ("model.specific_readout_input residual: S read from the volume minus the twin "
+                                   "decoded from the C encoder's mean, not from the volume (the default until "
+                                   "2026-12-02)", ['model.specific_readout_input="residual"'], []),
     "C from the encoder": ("model.common_readout encoder: C features (RSA, recovery) are the C encoder's means, not "
                            "the twin's coordinates on the common decoder's axes (the default until 2026-12-02)",
                            ['model.common_readout="encoder"'], []),
@@ -79,8 +82,9 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
     "maps: extent at 60 % of the peak": ("maps.extent_fraction 0.6 (each cluster cut at 60 % of its peak, not half)",
                                          None, ["maps.extent_fraction=0.6"]),
     "maps: extent at 70 % of the peak": ("maps.extent_fraction 0.7", None, ["maps.extent_fraction=0.7"]),
-    "maps: unsmoothed extent": ("maps.extent_unsmoothed true (each cluster's half maximum before the inputs' 8 mm "
-                                "smoothing)", None, ["maps.extent_unsmoothed=true"]),
+    "maps: half maximum as smoothed": ("maps.extent_unsmoothed false: every cluster's half maximum on the map as "
+                                       "smoothed (the default until 2026-12-02)", None,
+                                       ["maps.extent_unsmoothed=false"]),
     "maps: plain t": ("maps.variance_smoothing_mm 0 (a plain t instead of the SnPM pseudo-t)", None,
                       ["maps.variance_smoothing_mm=0"]),
     "noise scale 1": ("loss.noise_scale 1 (the median eigenvalue itself)", ["loss.noise_scale=1"], []),
@@ -106,6 +110,9 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
                           ['maps.kind="jacobian"', 'maps.test_on="effect"', 'maps.extent="significant"',
                            'maps.threshold="fdr"', "maps.syn_iterations=[40,20,0]", "maps.syn_flow_sigma=3"]),
 }
+#: Variants whose training is the full method's and only the read-outs fitted after it differ: they resume the
+#: full run's final checkpoints (:func:`refit_copy`) instead of training again.
+REFIT_VARIANTS = {"S read-out on the residual"}
 METRICS = ("S~specific", "S~common", "C~common", "C~specific", "C diagnosis AUC", "maps Dice",
            "maps flagged / planted")
 
@@ -151,13 +158,31 @@ def remap_config(run: Path, maps_sets: list[str]) -> None:
             shutil.rmtree(run / name)
 
 
-def run_variant(work: Path, cohort: str, variant: str, store: Path, folds: str = "all", remap: bool = False) -> dict:
+def refit_copy(base: Path, run: Path) -> None:
+    """Copy the trained folds of the finished run ``base`` into the new run ``run``: each fold's last checkpoint and
+    its metrics, not its outputs. ``launch.submit`` then resumes every fold at its last step (no step left to
+    train; the resume is bitwise), fits the read-outs with ``run``'s config, and runs the later stages."""
+    folds = sorted(p.parent for p in (base / "folds").glob("*/DONE"))
+    if not folds:
+        raise RuntimeError(f"{base} has no finished fold to refit")
+    for fold in folds:
+        tag = (fold / "checkpoints" / "latest").read_text().strip()
+        dst = run / "folds" / fold.name
+        shutil.copytree(fold / "checkpoints" / tag, dst / "checkpoints" / tag)
+        shutil.copy2(fold / "checkpoints" / "latest", dst / "checkpoints" / "latest")
+        shutil.copy2(fold / "metrics.jsonl", dst / "metrics.jsonl")
+
+
+def run_variant(work: Path, cohort: str, variant: str, store: Path, folds: str = "all", remap: bool = False,
+                refit_from: str | None = None) -> dict:
     """Run one (cohort, variant) and return its recovery metrics.
 
     Everything runs in subprocesses (the pipeline's own CLIs, ``python -m dist_decode.analysis`` for the
     metrics), so this long-running benchmark reads every run with the code that wrote it. ``remap``: a training
     variant whose run exists keeps its trained folds and RSA, and its maps stage runs again with the current
     default maps settings (the training is deterministic, so this is what a fresh run would give).
+    ``refit_from``: a variant whose run has the same training; this one resumes its final checkpoints
+    (:func:`refit_copy`; the default for :data:`REFIT_VARIANTS`, from ``full``).
     """
     _, train_sets, maps_sets = VARIANTS[variant]
     py = sys.executable
@@ -188,6 +213,14 @@ def run_variant(work: Path, cohort: str, variant: str, store: Path, folds: str =
         sh([py, "-m", "dist_decode.maps", "--run-dir", str(run), "--no-progress"], log)
     else:
         run = work / "runs" / cohort / tag
+        if refit_from is None and variant in REFIT_VARIANTS:
+            refit_from = "full"
+        if refit_from is not None and not (run / "config.json").is_file():
+            base = work / "runs" / cohort / (slug(refit_from) if folds == "all" else
+                                              f"{slug(refit_from)}--folds-{slug(folds)}")
+            if run.exists():
+                shutil.rmtree(run)
+            refit_copy(base, run)
         sets = [a for s in train_sets + maps_sets + ["rsa.permutations=200", "rsa.block_size=100"] for a in ("--set", s)]
         sh([py, "-m", "launch.submit", "--store", str(store), "--run-dir", str(run), "--profile", "cpu", *sets,
             "--folds", folds, "--cluster", "local", "--max-parallel", str(os.cpu_count() or 1)], log)
@@ -276,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--folds", default="all",
                     help="LOSO folds of every run (launch.submit --folds; default all). Ablations on a few folds "
                          "compare with the full method on the same folds, never with an all-fold row")
+    ap.add_argument("--refit-from", metavar="VARIANT",
+                    help="train no run: resume the final checkpoints of VARIANT's run of the same cohort and folds "
+                         "(its training must be the same; only the read-outs fitted after training differ)")
     ap.add_argument("--table-only", action="store_true", help="print the table of WORKDIR/science.json and stop")
     ap.add_argument("--remap", action="store_true",
                     help="re-run only the maps stage of existing training runs with the current maps defaults "
@@ -301,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"== {cohort} / {variant} (folds {args.folds}){' remap' if args.remap else ''}", flush=True)
             try:
-                r = run_variant(work, cohort, variant, store, args.folds, remap=args.remap)
+                r = run_variant(work, cohort, variant, store, args.folds, remap=args.remap,
+                                refit_from=args.refit_from)
             except RuntimeError as exc:
                 print(f"   failed: {exc}", flush=True)
                 continue
