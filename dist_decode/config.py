@@ -141,6 +141,13 @@ class ModelConfig:
         (:mod:`dist_decode.model.readout`; same needs as ``specific_readout``);
         ``encoder``, the C encoder's posterior means. The twins and maps decode the C encoder's latents either
         way.
+    common_readout_salient_noise : bool
+        Fit C's decoder read-out in the image metric of a patient's volume around its twin: the noise level plus
+        the salient branch's prior variance (``sigma^2 I + W^T Lambda W``, ``Lambda`` the training patients'
+        S-encoder covariance, as in the S read-out), instead of ``sigma^2 I``. Twin differences along what the
+        salient branch decodes then count little in C's axes and distances, so a patient's effect that the
+        common branch's patterns share with the salient ones does not make C tell patients from controls
+        (docs/science.md, *C read in the patients' noise*). Off: the behaviour until 2026-12-02.
     """
 
     name: Literal["decode_sz", "vae", "anchor2022"] = "decode_sz"
@@ -161,6 +168,7 @@ class ModelConfig:
     specific_readout: Literal["decoder", "encoder"] = "decoder"
     specific_readout_input: Literal["volume", "residual"] = "volume"
     common_readout: Literal["decoder", "encoder"] = "decoder"
+    common_readout_salient_noise: bool = True
 
     def __post_init__(self) -> None:
         for name in ("latent_common", "latent_specific", "hidden", "bottleneck", "norm_groups",
@@ -551,7 +559,8 @@ class RunConfig:
 SAVED_BEFORE_FIELD: dict[tuple[str, str], Any] = {("data", "site_reference"): "all",
                                                   ("model", "specific_readout"): "encoder",
                                                   ("model", "common_readout"): "encoder",
-                                                  ("model", "specific_readout_input"): "residual"}
+                                                  ("model", "specific_readout_input"): "residual",
+                                                  ("model", "common_readout_salient_noise"): False}
 
 #: Named settings on top of the defaults. ``gpu`` is the default (full CAT12 grid, convolutional decoder);
 #: ``cpu`` is the documented choice for cohorts at 3-4 mm on CPU: encoders on a 6 mm resampling, a dense decoder

@@ -503,6 +503,60 @@ def test_the_common_readout_is_the_twin_on_its_principal_axes_at_the_prior_scale
         fit_common_readout(m, batches, 0.0)
 
 
+def test_the_common_readout_in_the_patients_noise_discounts_what_the_salient_branch_decodes():
+    """``model.common_readout_salient_noise``: C's axes in the metric sigma^2 Wc Sigma^-1 Wc^T with
+    Sigma = sigma^2 I + Ws^T Lambda Ws (the patients' noise around their twin): a common direction whose pattern is
+    a salient one counts little in C's features; the others count as before."""
+    from dist_decode.model.readout import common_patterns, fit_common_readout, salient_patterns
+
+    u = torch.randn(int(_mask().sum()), generator=torch.Generator().manual_seed(3))
+    u = u / u.norm()
+
+    def model(salient_noise: bool) -> DecodeSZ:
+        m = _common_readout_model(7)
+        m.common_readout_salient_noise = salient_noise
+        with torch.no_grad():
+            m.salient_decoder.dense.weight.normal_()
+            m.salient_decoder.dense.weight[:, 0] = u  # a salient pattern ...
+            m.common_decoder.dense.weight[:, 0] = u  # ... that common direction 0 decodes too
+            m.specific.head.mu.weight[0].mul_(1e3)  # the patients' s_0 varies far more than the noise
+        return m
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(60, 1, *GRID, generator=g)
+    patient = torch.arange(60) % 2 == 0
+    batches = [(x[k:k + 16], patient[k:k + 16]) for k in range(0, 60, 16)]
+    plain, noisy = model(False), model(True)
+    with torch.no_grad():
+        c = plain.encode_common(x)[0].double()
+        s = plain.encode_specific_encoder(x[patient])[0].double()
+        wc, ws = common_patterns(plain), salient_patterns(plain)
+    noise = float(c[:, 0].var()) / 10  # direction 0 decodes 10x the noise in the plain metric
+    ro_plain, ro = fit_common_readout(plain, batches, noise), fit_common_readout(noisy, batches, noise)
+    # the explicit metric (small V)
+    lam = torch.cov(s.T)
+    lam = lam + 1e-6 * lam.diagonal().mean() * torch.eye(3, dtype=torch.float64)
+    sigma = noise * torch.eye(wc.shape[1], dtype=torch.float64) + ws.T @ lam @ ws
+    gram = noise * wc @ torch.linalg.solve(sigma, wc.T)
+    gv, gq = torch.linalg.eigh(0.5 * (gram + gram.T))
+    g_half = (gq * gv.clamp_min(0).sqrt()) @ gq.T
+    want = torch.linalg.eigvalsh(g_half @ torch.cov(c.T) @ g_half).flip(0).clamp_min(0)
+    assert torch.allclose(ro.variances.double(), want, rtol=1e-3, atol=1e-6 * float(want[0]))
+    # direction 0 decodes below the patients' noise: its axis drops out, and moving c along it hardly moves C;
+    # along another direction C moves as before
+    assert len(ro.weight) == len(ro_plain.weight) - 1
+    e0, e1 = torch.eye(5)[0], torch.eye(5)[1]
+    assert (ro.weight @ e0).norm() < 0.1 * (ro_plain.weight @ e0).norm()
+    assert (ro.weight @ e1).norm() == pytest.approx(float((ro_plain.weight @ e1).norm()), rel=0.2)
+    with pytest.raises(ValueError, match="common_readout_salient_noise"):
+        fit_common_readout(noisy, [(x, torch.zeros(60, dtype=torch.bool))], noise)
+    # the default since 2026-12-02; a config saved before the field gets the plain metric
+    assert RunConfig().model.common_readout_salient_noise is True
+    saved = RunConfig().to_dict()
+    del saved["model"]["common_readout_salient_noise"]
+    assert RunConfig.from_saved_dict(saved).model.common_readout_salient_noise is False
+
+
 def test_the_diagnosis_auc_finds_a_low_variance_direction_in_any_basis():
     """C diagnosis AUC: a diagnosis difference in a low-variance direction mixed into high-variance columns (as
     in the C encoder's raw means) is found, and rotating or rescaling the features does not change the AUC."""

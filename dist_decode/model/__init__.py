@@ -70,7 +70,7 @@ def build_model(cfg, grid: Sequence[int], input_scale: float = 1.0, mask: torch.
         return DecodeSZ(
             grid, m.latent_common, m.latent_specific, m.channels, m.bottleneck, m.hidden, m.norm_groups,
             m.output, input_scale, m.encoder, enc_grid, m.decoder, m.decoder_activation, m.route, mask,
-            m.specific_readout, m.common_readout, m.specific_readout_input,
+            m.specific_readout, m.common_readout, m.specific_readout_input, m.common_readout_salient_noise,
         )
     if m.name == "vae":
         return PlainVAE(grid, m.latent_common + m.latent_specific, m.channels, m.bottleneck, m.hidden,

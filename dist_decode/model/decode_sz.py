@@ -276,7 +276,10 @@ class DecodeSZ(nn.Module):
         What the decoder read-out of S reads (:meth:`readout_input`): ``volume``, the volume itself (anything in
         the span of the training controls' volumes under a flat prior, c not estimated); ``residual``, the volume
         minus the twin decoded from the C encoder's mean (that estimate of c plugged in).
-    common_readout : {"encoder", "decoder"}
+    common_readout_salient_noise : bool
+        Fit the decoder read-out of C in the image metric of a patient's volume around its twin, the noise level
+        plus the salient branch's prior variance (:mod:`dist_decode.model.readout`), so that twin differences
+        the salient branch could produce count little in C's distances; else in the plain image metric. : {"encoder", "decoder"}
         Where :meth:`common_features` takes C's features from after training: the C encoder's posterior, or the
         twin's coordinates on the common branch's principal axes (fitted by :meth:`set_common_readout`; same
         needs). Training, twins and maps always use the C encoder.
@@ -303,7 +306,8 @@ class DecodeSZ(nn.Module):
         mask: torch.Tensor | None = None,
         specific_readout: str = "encoder",
         common_readout: str = "encoder",
-        specific_readout_input: str = "volume",
+        specific_readout_input: str = "residual",
+        common_readout_salient_noise: bool = False,
     ) -> None:
         super().__init__()
         if len(grid) != 3 or min(grid) < 1:
@@ -331,6 +335,7 @@ class DecodeSZ(nn.Module):
             self.register_buffer("mask", brain)
         self.specific_readout, self.common_readout = specific_readout, common_readout
         self.specific_readout_input = specific_readout_input
+        self.common_readout_salient_noise = bool(common_readout_salient_noise)
         if readout:
             self.register_buffer("readout_index", brain.flatten().nonzero().squeeze(1), persistent=False)
         if common_readout == "decoder":

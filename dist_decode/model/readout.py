@@ -60,6 +60,15 @@ Mahalanobis distances of the twins under the model's marginal image covariance `
 kept axes. In latent terms ``f = A (c - m)``, ``A = D^-1/2 P^T G^1/2`` with ``G = Wc Wc^T`` and ``P``, ``D`` the
 eigenvectors and -values of ``G^1/2 K G^1/2`` (dc x dc; no V-sized matrix beyond ``Wc``). It needs no label:
 every training subject counts alike.
+
+In the patients' noise (``model.common_readout_salient_noise``, the default): the image metric is that of a
+patient's volume around its twin, ``Sigma = sigma^2 I + Ws^T Lambda Ws`` (the salient patterns ``Ws`` and the S
+read-out's prior ``Lambda``), not ``sigma^2 I``: ``G = sigma^2 Wc Sigma^-1 Wc^T`` (Woodbury, dc x dc). Twin
+differences along what the salient branch decodes then count little. Why: the common branch's patterns overlap
+the salient ones, so a patient's twin moves with the patient's effect, and C's distances told patients from
+controls on a cohort with density losses in eight broad regions (docs/science.md, *C read in the patients'
+noise*). This uses the diagnosis labels of the training subjects, as the S read-out's prior does; a subject's C
+is still the same linear map of its C-encoder mean, whatever its diagnosis.
 """
 from __future__ import annotations
 
@@ -150,6 +159,15 @@ def fit_salient_readout(model, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     return fit_readouts(model, batches, noise_var, what, salient=True, common=False)[0]
 
 
+def _salient_prior(model, s_pat: list[torch.Tensor]) -> torch.Tensor:
+    """``Lambda``: the covariance of the training patients' S-encoder means (ds x ds, float64), with a small ridge
+    that keeps the directions the encoder does not use finite."""
+    s = torch.cat(s_pat)
+    prior = torch.cov(s.T).reshape(model.latent_specific, model.latent_specific)
+    return prior + PRIOR_JITTER * (prior.diagonal().mean().clamp_min(1e-12)) * torch.eye(len(prior),
+                                                                                        dtype=prior.dtype)
+
+
 def _salient_readout(model, read_ctl: list[torch.Tensor], s_pat: list[torch.Tensor], noise_var: float,
                      what: str) -> SalientReadout:
     """The S read-out from what it reads of the training controls (:meth:`DecodeSZ.readout_input`) and the
@@ -178,10 +196,7 @@ def _salient_readout(model, read_ctl: list[torch.Tensor], s_pat: list[torch.Tens
     wp = w.clone()
     for chunk in _voxel_chunks(dev.shape[1]):
         wp[:, chunk] -= m @ dev[:, chunk].double()
-    s = torch.cat(s_pat)
-    prior = torch.cov(s.T).reshape(model.latent_specific, model.latent_specific)
-    prior = prior + PRIOR_JITTER * (prior.diagonal().mean().clamp_min(1e-12)) * torch.eye(len(prior),
-                                                                                            dtype=prior.dtype)
+    prior = _salient_prior(model, s_pat)
     a = w @ wp.T
     a = 0.5 * (a + a.T) + noise_var * torch.linalg.inv(prior)
     weight = torch.linalg.solve(a, wp)
@@ -240,13 +255,25 @@ def fit_common_readout(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor
     return fit_readouts(model, batches, noise_var, what, salient=False, common=True)[1]
 
 
-def _common_readout(model, means: list[torch.Tensor], noise_var: float, what: str) -> CommonReadout:
-    """The C read-out from the training subjects' C-encoder means."""
+def _common_readout(model, means: list[torch.Tensor], noise_var: float, what: str,
+                    s_pat: list[torch.Tensor] | None = None) -> CommonReadout:
+    """The C read-out from the training subjects' C-encoder means; with ``s_pat`` (the training patients'
+    S-encoder means) in the patients' noise metric (module docstring)."""
     c = torch.cat(means) if means else torch.zeros((0, model.latent_common), dtype=torch.float64)
     if len(c) < 3:
         raise ValueError(f"the decoder read-out of C needs at least 3 subjects among {what} (got {len(c)})")
     w = common_patterns(model).cpu()  # (dc, V) float64
     gram = w @ w.T
+    if s_pat is not None:
+        n_p = sum(len(s) for s in s_pat)
+        if n_p < 2:
+            raise ValueError(f"the decoder read-out of C in the patients' noise needs at least 2 patients among "
+                             f"{what} (got {n_p}; or set model.common_readout_salient_noise=false)")
+        # sigma^2 Wc Sigma^-1 Wc^T with Sigma = sigma^2 I + Ws^T Lambda Ws (Woodbury: no V x V matrix)
+        ws = salient_patterns(model).cpu()
+        cross = w @ ws.T
+        core = noise_var * torch.linalg.inv(_salient_prior(model, s_pat)) + ws @ ws.T
+        gram = gram - cross @ torch.linalg.solve(core, cross.T)
     gv, gq = torch.linalg.eigh(0.5 * (gram + gram.T))
     g_half = (gq * gv.clamp_min(0).sqrt()) @ gq.T
     offset = c.mean(0)
@@ -274,17 +301,18 @@ def fit_readouts(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], no
     """
     if not noise_var or noise_var <= 0:
         raise ValueError(f"the decoder read-outs need a positive noise variance, got {noise_var!r}")
+    c_noise = common and getattr(model, "common_readout_salient_noise", False)
     read_ctl, s_pat, c_means = [], [], []
     for x, patient in batches:
         x = x.float()
         c_mu = model.encode_common(x)[0]
         if common:
             c_means.append(c_mu.double().cpu())
-        if salient:
+        if salient or c_noise:
             patient = patient.bool()
-            if (~patient).any():
+            if salient and (~patient).any():
                 read_ctl.append(model.readout_input(x[~patient], c_mu[~patient]).cpu())
             if patient.any():
                 s_pat.append(model.encode_specific_encoder(x[patient])[0].double().cpu())
     return (_salient_readout(model, read_ctl, s_pat, noise_var, what) if salient else None,
-            _common_readout(model, c_means, noise_var, what) if common else None)
+            _common_readout(model, c_means, noise_var, what, s_pat if c_noise else None) if common else None)

@@ -246,8 +246,9 @@ class FoldTrainer:
                 if float(c_read.variances[0]) <= noise_var:
                     log.warning("fold %d (%s): no axis of the common branch decodes more than the noise level; "
                                 "C's features keep its strongest axis only", plan.fold, plan.site)
-                log.info("fold %d (%s): C read from the common decoder, %d axes (twin variance / noise: %s)",
-                         plan.fold, plan.site, rank, ratios)
+                log.info("fold %d (%s): C read from the common decoder%s, %d axes (twin variance / noise: %s)",
+                         plan.fold, plan.site, " in the patients' noise" if model.common_readout_salient_noise
+                         else "", rank, ratios)
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         save_model(plan.fold_dir / "model_final.pt", {
             "config": cfg.to_dict(), "state_dict": state, "grid": list(inputs.grid), "voxel_mm": inputs.voxel_mm,
