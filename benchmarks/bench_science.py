@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 #: cohort -> (synth preset, seed)
 COHORTS = {"demo": ("demo", 0), "density": ("density", 1), "sites": ("sites", 2), "small": ("small", 3),
-           "two-factor": ("two-factor", 4), "weak": ("weak", 5), "unbalanced": ("unbalanced", 6), "density-sz": ("density-sz", 7)}
+           "two-factor": ("two-factor", 4), "weak": ("weak", 5), "unbalanced": ("unbalanced", 6), "density-sz": ("density-sz", 7),
+           "shape-wide": ("shape-wide", 8)}
 
 #: variant -> (what it changes, training --set overrides, maps --set overrides); None = maps-only variant.
 VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
@@ -42,6 +43,10 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
     "S read-out on the residual": ("model.specific_readout_input residual: S read from the volume minus the twin "
                                    "decoded from the C encoder's mean, not from the volume (the default until "
                                    "2026-12-02)", ['model.specific_readout_input="residual"'], []),
+    "C read-out in the image metric": ("model.common_readout_salient_noise false: C's read-out axes in the plain "
+                                       "image metric sigma^2 I, not in the patients' noise around their twin (the "
+                                       "default until 2026-12-02)", ["model.common_readout_salient_noise=false"],
+                                       []),
     "C from the encoder": ("model.common_readout encoder: C features (RSA, recovery) are the C encoder's means, not "
                            "the twin's coordinates on the common decoder's axes (the default until 2026-12-02)",
                            ['model.common_readout="encoder"'], []),
@@ -112,7 +117,7 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
 }
 #: Variants whose training is the full method's and only the read-outs fitted after it differ: they resume the
 #: full run's final checkpoints (:func:`refit_copy`) instead of training again.
-REFIT_VARIANTS = {"S read-out on the residual"}
+REFIT_VARIANTS = {"S read-out on the residual", "C read-out in the image metric"}
 METRICS = ("S~specific", "S~common", "C~common", "C~specific", "C diagnosis AUC", "maps Dice",
            "maps flagged / planted")
 

@@ -182,6 +182,12 @@ PRESETS: dict[str, Preset] = {
         [30, 28, 27, 25, 24, 22, 21, 20], [15, 14, 14, 12, 12, 11, 11, 10], 3.0, specific_kind="density",
         site_gain_sd=0.1, site_fwhm_max_mm=8.0, site_noise_max=0.04,
     ),
+    # Held-out check added 2026-12-02 after C's read-out in the patients' noise was chosen (on density-sz among
+    # others), run once: broad shape effects at eight random places, 4 mm, moderate sites.
+    "shape-wide": Preset(
+        [34, 30, 38, 28, 40, 33, 29, 36], [16, 14, 19, 14, 22, 17, 15, 18], 4.0, specific_regions="random",
+        n_specific_regions=8, specific_sigma_scale=1.2, site_gain_sd=0.1, site_fwhm_max_mm=8.0, site_noise_max=0.04,
+    ),
     # Unequal sites (14-45 subjects, 6-30 patients) with noisy scanners; broad shape effects at three random
     # places, 3 mm.
     "unbalanced": Preset(
@@ -202,7 +208,7 @@ def resolve_preset(preset: str, voxel_mm: float | None = None, **overrides: Any)
     ----------
     preset : str
         A key of :data:`PRESETS`: "tiny", "demo", "paper", or a planted variant "density", "small", "sites", "weak",
-        "unbalanced", "two-factor", "density-sz".
+        "unbalanced", "two-factor", "density-sz", "shape-wide".
     voxel_mm : float or None
         Overrides the preset's grid.
     **overrides
@@ -686,7 +692,7 @@ def synthesize(
         Cohort folder (created). Re-running with the same settings resumes; other settings raise.
     preset : str
         A key of :data:`PRESETS`: "tiny", "demo", "paper", or a planted variant "density", "small", "sites", "weak",
-        "unbalanced", "two-factor", "density-sz".
+        "unbalanced", "two-factor", "density-sz", "shape-wide".
         Cohort size and grid.
     seed : int
         Root seed of every random draw.

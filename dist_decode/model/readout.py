@@ -58,8 +58,8 @@ features have variance ``d_i / (d_i + sigma^2) = 1 - sigma^2 / lambda_i`` over t
 posterior-mean variance of a pPCA direction with data variance ``lambda_i``, and their Euclidean distances are the
 Mahalanobis distances of the twins under the model's marginal image covariance ``Wc^T K Wc + sigma^2 I`` on the
 kept axes. In latent terms ``f = A (c - m)``, ``A = D^-1/2 P^T G^1/2`` with ``G = Wc Wc^T`` and ``P``, ``D`` the
-eigenvectors and -values of ``G^1/2 K G^1/2`` (dc x dc; no V-sized matrix beyond ``Wc``). It needs no label:
-every training subject counts alike.
+eigenvectors and -values of ``G^1/2 K G^1/2`` (dc x dc; no V-sized matrix beyond ``Wc``). In this plain metric it
+needs no label: every training subject counts alike.
 
 In the patients' noise (``model.common_readout_salient_noise``, the default): the image metric is that of a
 patient's volume around its twin, ``Sigma = sigma^2 I + Ws^T Lambda Ws`` (the salient patterns ``Ws`` and the S
@@ -240,8 +240,9 @@ def fit_common_readout(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor
     model : DecodeSZ
         Trained, eval mode, fp32, built with ``common_readout="decoder"``.
     batches : iterable of (Tensor, Tensor)
-        ``(model input (N, 1, X, Y, Z), patient flags (N,))`` of the training subjects (the flags are not used:
-        every subject counts alike).
+        ``(model input (N, 1, X, Y, Z), patient flags (N,))`` of the training subjects (the flags pick the
+        patients whose S-encoder means set the patients' noise, ``model.common_readout_salient_noise``; every
+        subject's C mean counts alike).
     noise_var : float
         The fold's eigen noise variance (network units).
     what : str
@@ -250,7 +251,8 @@ def fit_common_readout(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor
     Raises
     ------
     ValueError
-        With fewer than 3 subjects, or a noise variance that is not positive.
+        With fewer than 3 subjects, fewer than 2 patients in the patients' noise, or a noise variance that is not
+        positive.
     """
     return fit_readouts(model, batches, noise_var, what, salient=False, common=True)[1]
 
