@@ -157,9 +157,13 @@ def test_report_on_complete_run(full_run):
     # the RSA section says where the S features came from (the run's config)
     decoder = RunConfig.from_saved(full_run / "config.json").model.specific_readout == "decoder"
     assert "S features:" in html and ("closed-form" in html) == decoder and ("S encoder" in html) != decoder
-    c_decoder = RunConfig.from_saved(full_run / "config.json").model.common_readout == "decoder"
+    saved = RunConfig.from_saved(full_run / "config.json").model
+    assert ("read from its volume" in html) == (decoder and saved.specific_readout_input == "volume")
+    assert ("after the healthy twin" in html) == (decoder and saved.specific_readout_input == "residual")
+    c_decoder = saved.common_readout == "decoder"
     assert "C features:" in html and ("healthy twin on the" in html) == c_decoder
     assert ("C encoder's posterior means" in html) != c_decoder
+    assert ("the noise plus the salient branch's variance" in html) == (c_decoder and saved.common_readout_salient_noise)
 
 
 def test_report_skips_unchanged_inputs_and_rebuilds_on_change(full_run):
