@@ -230,8 +230,17 @@ def run_variant(work: Path, cohort: str, variant: str, store: Path, folds: str =
         sh([py, "-m", "launch.submit", "--store", str(store), "--run-dir", str(run), "--profile", "cpu", *sets,
             "--folds", folds, "--cluster", "local", "--max-parallel", str(os.cpu_count() or 1)], log)
     wall = time.time() - t0
+    return read_run(work, cohort, variant, folds, run, wall, report=remap and train_sets is not None)
+
+
+def read_run(work: Path, cohort: str, variant: str, folds: str, run: Path, wall: float,
+             report: bool = False) -> dict:
+    """Analyse a finished run (``python -m dist_decode.analysis``; with ``report`` its report again too) and
+    return its row of the results."""
+    py = sys.executable
+    log = work / "logs" / f"{cohort}-{run.name}.log"
     sh([py, "-m", "dist_decode.analysis", "--run-dir", str(run)], log)
-    if remap and train_sets is not None:
+    if report:
         sh([py, "-m", "dist_decode.report", "--run-dir", str(run)], log)
     rec = json.loads((run / "analysis" / "analysis.json").read_text())["recovery"]
     if rec["status"] != "ok":
@@ -248,7 +257,9 @@ def run_variant(work: Path, cohort: str, variant: str, store: Path, folds: str =
             "fold_wall_s": [json.loads((run / "folds" / s / "DONE").read_text()).get("wall_s") for s in done_sites],
             "metrics": {m: values.get(m) for m in METRICS},
             "oracle": values.get("oracle specific~common (floor of the cross-talk rows)"),
-            "corr_mean_effect_vs_planted": (rec.get("maps") or {}).get("corr_mean_effect_vs_planted")}
+            "corr_mean_effect_vs_planted": (rec.get("maps") or {}).get("corr_mean_effect_vs_planted"),
+            "dice_half_max": (rec.get("maps") or {}).get("dice_half_max"),
+            "dice_ceiling": (rec.get("maps") or {}).get("dice_ceiling")}
 
 
 def fold_se(run: str | Path) -> dict[str, float]:
@@ -267,12 +278,15 @@ def table(results: list[dict]) -> str:
     """Markdown table of the results (one row per run)."""
     from dist_decode.analysis.recovery import GOALS, met  # pure functions: safe in a long-running process
 
-    head = "| cohort | variant | folds | parameters | " + " | ".join(METRICS) + " | oracle spec~com | min/fold |"
+    # the last map column: Dice with the planted effect's own half-maximum region (what the maps' extent
+    # reports), and in brackets that region's Dice with the planted regions: the maps Dice's ceiling on the grid
+    head = ("| cohort | variant | folds | parameters | " + " | ".join(METRICS)
+            + " | maps Dice vs planted half max (ceiling) | oracle spec~com | min/fold |")
     # ±: the standard error over the 8 held-out sites (all-fold rows): a site has 5-30 patients, so one site's tau
     # moves by +-0.1-0.2 and the mean by +-0.01-0.07
     goal = "| | **goal** | | | " + " | ".join(
-        {">=": "≥ ", "<=": "≤ ", "abs<=": "\\|.\\| ≤ "}[GOALS[m][0]] + f"{GOALS[m][1]:g}" for m in METRICS) + " | | |"
-    lines = [head, "|" + "---|" * (len(METRICS) + 6), goal]
+        {">=": "≥ ", "<=": "≤ ", "abs<=": "\\|.\\| ≤ "}[GOALS[m][0]] + f"{GOALS[m][1]:g}" for m in METRICS) + " | | | |"
+    lines = [head, "|" + "---|" * (len(METRICS) + 7), goal]
     for r in results:
         cells = []
         se = fold_se(r["run"])
@@ -284,6 +298,8 @@ def table(results: list[dict]) -> str:
             ok = met(m, v)
             pm = f" ±{se[m]:.2f}" if m in se and r.get("folds", "all") == "all" else ""
             cells.append(f"{'**' if ok else ''}{v:.2f}{'**' if ok else ''}{pm}")
+        hm, cap = r.get("dice_half_max"), r.get("dice_ceiling")
+        cells.append("–" if hm is None or cap is None else f"{hm:.2f} ({cap:.2f})")
         fw = [w for w in r.get("fold_wall_s") or [] if w]
         lines.append(f"| {r['cohort']} | {r['variant']} | {r.get('folds', 'all')} | {r['n_parameters']:,} | " + " | ".join(cells)
                      + f" | {r['oracle']:.2f} | {sum(fw) / max(1, len(fw)) / 60:.1f} |")
@@ -318,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="train no run: resume the final checkpoints of VARIANT's run of the same cohort and folds "
                          "(its training must be the same; only the read-outs fitted after training differ)")
     ap.add_argument("--table-only", action="store_true", help="print the table of WORKDIR/science.json and stop")
+    ap.add_argument("--reanalyse", action="store_true",
+                    help="for the runs already in science.json: run the analysis again (this checkout's recovery "
+                         "metrics) and update their rows; nothing is trained or mapped")
     ap.add_argument("--remap", action="store_true",
                     help="re-run only the maps stage of existing training runs with the current maps defaults "
                          "(after a change to them); their rows are replaced")
@@ -338,6 +357,12 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants:
             same = [r for r in results if r["cohort"] == cohort and r["variant"] == variant
                     and r.get("folds", "all") == args.folds]
+            if same and args.reanalyse:
+                # the analysis again, with this checkout's code, on the run as it is (its wall time kept)
+                print(f"== {cohort} / {variant} (folds {args.folds}) reanalyse", flush=True)
+                results = record(out, read_run(work, cohort, variant, args.folds, Path(same[0]["run"]),
+                                               same[0]["wall_s"]))
+                continue
             if same and not (args.remap and VARIANTS[variant][1] is not None):
                 continue
             print(f"== {cohort} / {variant} (folds {args.folds}){' remap' if args.remap else ''}", flush=True)

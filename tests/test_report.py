@@ -134,6 +134,8 @@ def test_report_on_complete_run(full_run):
     # planted ones (|A and B| from the Dice), though they cover a small part of all planted regions
     both = rm["maps Dice"] * (rm["flagged"] + rm["planted"]) / 2
     assert rm["flagged"] > 0 and both > 0.5 * rm["flagged"] and rm["maps flagged / planted"] < 1
+    # the planted effect's own half maximum: the reference of the maps' extent, and the Dice it caps
+    assert rm["planted_half_max"] > 0 and 0.3 < rm["dice_ceiling"] < 1 and 0 < rm["dice_half_max"] < 1
     # CSVs and figures beside the HTML.
     for name in ("folds.csv", "cohort.csv", "rsa.csv", "clusters.csv", "dice.csv", "recovery.csv",
                  "recovery_folds.csv"):
@@ -154,6 +156,8 @@ def test_report_on_complete_run(full_run):
         assert heading in html
     assert "0123456789abcdef" in html  # the run's git commit (provenance)
     assert "NOT MET" in html or ">met<" in html  # each recovery goal is plainly marked
+    from dist_decode.report.build import fmt
+    assert f"Dice {fmt(rm['dice_ceiling'])} with the planted regions" in html  # the maps Dice's ceiling, stated
     # the RSA section says where the S features came from (the run's config)
     decoder = RunConfig.from_saved(full_run / "config.json").model.specific_readout == "decoder"
     assert "S features:" in html and ("closed-form" in html) == decoder and ("S encoder" in html) != decoder

@@ -266,6 +266,7 @@ def test_recovery_metrics_and_goals():
     ov[6:8, 6:8, 6:8] = 1  # one site only: below the consistent-site threshold
     r = maps_recovery(ov, truth, np.ones_like(truth))
     assert r["threshold"] == 2 and r["maps Dice"] == 1.0 and r["maps flagged / planted"] == 1.0
+    assert "dice_ceiling" not in r  # no planted effect given
     rows = goal_table([{"S~specific": 0.8, "S~common": 0.0, "C~common": 0.7, "C~specific": 0.1,
                         "C diagnosis AUC": 0.5, "oracle specific~common": 0.02}], r)
     verdict = {row["metric"]: row["met"] for row in rows}
@@ -626,3 +627,35 @@ def test_the_decoder_readout_needs_a_linear_salient_branch_and_the_eigen_noise()
     del saved["model"]["specific_readout"], saved["model"]["common_readout"]
     old = RunConfig.from_saved_dict(saved).model
     assert old.specific_readout == "encoder" == old.common_readout
+
+
+def test_planted_half_max_is_the_ceiling_of_a_half_maximum_map():
+    """The planted effect's own half-maximum region: per planted region, in its direction; its Dice with the
+    1-sigma cores is what a map that recovers each effect's half maximum exactly scores."""
+    from dist_decode.analysis.recovery import planted_half_max
+
+    shape = (40, 40, 40)
+    x = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"))
+    r2a = ((x - np.array([10.0, 10, 10])[:, None, None, None]) ** 2).sum(0)
+    r2b = ((x - np.array([28.0, 28, 28])[:, None, None, None]) ** 2).sum(0)
+    sa, sb = 3.0, 2.0
+    # a loss (peak -0.2) and a weaker gain (peak +0.05): each region's half maximum is relative to its own peak
+    effect = -0.2 * np.exp(-r2a / (2 * sa ** 2)) + 0.05 * np.exp(-r2b / (2 * sb ** 2))
+    # a ring of gain around the loss (a displacement's moved tissue) is not part of the loss's half maximum
+    effect += 0.03 * np.exp(-((np.sqrt(r2a) - 3 * sa) ** 2) / 2)
+    cores = (r2a <= sa ** 2) | (r2b <= sb ** 2)
+    mask = np.ones(shape, bool)
+    half = planted_half_max(effect, cores, mask)
+    radius = np.sqrt(2 * np.log(2))  # the half maximum of a Gaussian, in sigmas
+    expect = (r2a <= (radius * sa) ** 2 + 1e-9) | (r2b <= (radius * sb) ** 2 + 1e-9)
+    assert (half ^ expect).sum() <= 0.03 * expect.sum()  # the ring's small gain shifts a few edge voxels
+    assert not half[(np.sqrt(r2a) > 2 * sa) & (r2a < r2b)].any()  # no voxel of the loss's ring
+    ov = half.astype(int) * 3
+    r = maps_recovery(ov, cores, mask, None, effect)
+    assert r["dice_half_max"] == 1.0 and r["planted_half_max"] == int(half.sum())
+    assert r["dice_ceiling"] == pytest.approx(r["maps Dice"]) and 0.6 < r["dice_ceiling"] < 0.8
+    # a map of the cores alone scores 1 against the cores and the ceiling against the half maximum
+    r2 = maps_recovery(cores.astype(int) * 3, cores, mask, None, effect)
+    assert r2["maps Dice"] == 1.0 and r2["dice_half_max"] == pytest.approx(r["dice_ceiling"])
+    # outside the brain mask nothing counts
+    assert not planted_half_max(effect, cores, np.zeros(shape, bool)).any()

@@ -12,7 +12,8 @@ For each held-out site (one LOSO fold), on its held-out patients:
   cross-talk (``S~common``, ``C~specific``).
 
 Across sites, the maps: the overlap count at the consistent-site threshold ``ceil(max / 2)`` against
-``ground_truth/specific_regions.nii.gz`` inside the store mask (Dice and flagged / planted volume).
+``ground_truth/specific_regions.nii.gz`` inside the store mask (Dice and flagged / planted volume), and against
+the planted effect's own half-maximum region, whose Dice with the regions is the ceiling of a half-maximum map.
 
 :data:`GOALS` are the targets of issue 9 (docs/science.md); :func:`goal_table` marks each met or not.
 """
@@ -26,6 +27,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from nilearn.image import resample_to_img
+from scipy import ndimage
 from scipy.spatial.distance import pdist
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.linear_model import LogisticRegression
@@ -188,6 +190,34 @@ def fold_recovery(pids: np.ndarray, patient: np.ndarray, c: np.ndarray, s: np.nd
 
 
 # -- maps --------------------------------------------------------------------------------------------------------
+def planted_half_max(planted_effect: np.ndarray, truth_mask: np.ndarray, brain_mask: np.ndarray) -> np.ndarray:
+    """The planted effect's own half-maximum region: each voxel where the planted effect, in its region's
+    direction, reaches half that region's peak.
+
+    Each voxel belongs to the planted region (a connected component of ``truth_mask``) whose core is nearest; a
+    region's direction and peak are those of its most extreme core voxel. This is what a map that reports each
+    effect's width at half maximum (the maps' extent, docs/maps.md) would flag if it recovered the planted effect
+    exactly, so its Dice with ``truth_mask`` is the ceiling of the maps' Dice on this grid. The synthetic cores
+    are the regions' 1-sigma balls: a Gaussian density loss's half maximum reaches 1.18 sigma (on a 3 mm grid
+    the shell between them can hold as many voxel centres as the core), a contraction's log J falls to half its
+    peak inside 1 sigma (its core is where it reaches 40 %).
+    """
+    effect = np.asarray(planted_effect, float)
+    mask = np.asarray(brain_mask, bool)
+    truth = np.asarray(truth_mask, bool) & mask
+    labels, n = ndimage.label(truth, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return np.zeros(truth.shape, bool)
+    _, nearest = ndimage.distance_transform_edt(labels == 0, return_indices=True)
+    owner = labels[tuple(nearest)]  # the label of each voxel's nearest core voxel
+    index = np.arange(1, n + 1)
+    lo = np.asarray(ndimage.minimum(effect, labels, index), float)
+    hi = np.asarray(ndimage.maximum(effect, labels, index), float)
+    peak = np.concatenate([[0.0], np.where(-lo >= hi, lo, hi)])  # signed peak of each region (label 0 unused)
+    directed = effect * np.sign(peak[owner])
+    return mask & (np.abs(peak[owner]) > 0) & (directed >= 0.5 * np.abs(peak[owner]))
+
+
 def maps_recovery(overlap: np.ndarray, truth_mask: np.ndarray, brain_mask: np.ndarray,
                   mean_effect: np.ndarray | None = None, planted_effect: np.ndarray | None = None) -> dict[str, Any]:
     """The overlap map against the planted regions (inside the brain mask).
@@ -196,8 +226,10 @@ def maps_recovery(overlap: np.ndarray, truth_mask: np.ndarray, brain_mask: np.nd
     -------
     dict
         ``threshold`` (ceil(max / 2) sites), ``flagged``, ``planted`` voxels, ``maps Dice``,
-        ``maps flagged / planted``, ``dice_by_min_sites``, and ``corr_mean_effect_vs_planted`` when both
-        effect maps are given.
+        ``maps flagged / planted``, ``dice_by_min_sites``, and, with ``planted_effect``: ``dice_half_max`` (the
+        flagged map against the planted effect's own half-maximum region, :func:`planted_half_max`) and
+        ``dice_ceiling`` (that region against the planted regions: the Dice of a map that recovered each planted
+        effect's half maximum exactly); with ``mean_effect`` too: ``corr_mean_effect_vs_planted``.
     """
     ov = np.asarray(overlap, float)
     mask = np.asarray(brain_mask, bool)
@@ -216,6 +248,11 @@ def maps_recovery(overlap: np.ndarray, truth_mask: np.ndarray, brain_mask: np.nd
         "maps flagged / planted": float(flagged.sum()) / max(1, int(truth.sum())),
         "dice_by_min_sites": {str(j): dice((ov >= j) & mask, truth) for j in range(1, max(top, 1) + 1)},
     }
+    if planted_effect is not None:
+        half = planted_half_max(planted_effect, truth, mask)
+        out["planted_half_max"] = int(half.sum())
+        out["dice_half_max"] = dice(flagged, half) if top > 0 else 0.0
+        out["dice_ceiling"] = dice(half, truth)
     if mean_effect is not None and planted_effect is not None:
         e, m = np.asarray(planted_effect, float)[mask], np.asarray(mean_effect, float)[mask]
         out["corr_mean_effect_vs_planted"] = float(np.corrcoef(e, m)[0, 1]) if e.std() > 0 and m.std() > 0 else None
