@@ -445,6 +445,12 @@ class MapsConfig:
         gain of the tissue it moved) keeps ``extent_fraction`` of the map as it is
         (:func:`dist_decode.maps.group.half_max_extent`). An 8 mm smoothing otherwise widens a narrow density
         loss to 2-3 times its size (docs/science.md, *Map variants*). Default on since 2026-12-02.
+    counter_ring_noise : bool
+        With ``extent_unsmoothed``: the counter-ring share counts the opposite-signed mean around a cluster only
+        beyond one standard error of the tested mean at each voxel
+        (:func:`dist_decode.maps.group.counter_ring_share`). Without it, the noise beside a small or weak
+        density loss read as a ring and the loss kept the wider half maximum (docs/science.md, *Map variants*).
+        Default on since 2026-12-03; runs saved before the field keep the share as measured.
     variance_smoothing_mm : float
         FWHM (mm) of the variance smoothing of the ``fwe`` test (SnPM's pseudo-t; 0 = a plain t). Default 8 mm,
         the inputs' own smoothing (``data.smooth_fwhm_mm``), as SnPM advises. With the 10-15 patients of one
@@ -478,6 +484,7 @@ class MapsConfig:
     extent: Literal["half_max", "significant"] = "half_max"
     extent_fraction: float = 0.5
     extent_unsmoothed: bool = True
+    counter_ring_noise: bool = True
     variance_smoothing_mm: float = 8.0
 
     def __post_init__(self) -> None:
@@ -560,7 +567,8 @@ SAVED_BEFORE_FIELD: dict[tuple[str, str], Any] = {("data", "site_reference"): "a
                                                   ("model", "specific_readout"): "encoder",
                                                   ("model", "common_readout"): "encoder",
                                                   ("model", "specific_readout_input"): "residual",
-                                                  ("model", "common_readout_salient_noise"): False}
+                                                  ("model", "common_readout_salient_noise"): False,
+                                                  ("maps", "counter_ring_noise"): False}
 
 #: Named settings on top of the defaults. ``gpu`` is the default (full CAT12 grid, convolutional decoder);
 #: ``cpu`` is the documented choice for cohorts at 3-4 mm on CPU: encoders on a 6 mm resampling, a dense decoder

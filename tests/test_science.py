@@ -659,3 +659,46 @@ def test_planted_half_max_is_the_ceiling_of_a_half_maximum_map():
     assert r2["maps Dice"] == 1.0 and r2["dice_half_max"] == pytest.approx(r["dice_ceiling"])
     # outside the brain mask nothing counts
     assert not planted_half_max(effect, cores, np.zeros(shape, bool)).any()
+
+
+def test_the_counter_ring_share_discounts_what_noise_puts_around_a_cluster():
+    """Patients' maps of a small, weak density loss plus smooth noise: the noise's gains around the loss read as
+    a counter-ring (share over 5 %); counted only beyond one standard error of the mean, they do not, while a
+    displacement's ring in the same noise stays above 5 %. The extent follows: the density loss is cut to its
+    unsmoothed width only with the noise discounted, the displacement keeps its half maximum."""
+    from scipy import ndimage
+
+    from dist_decode.maps.group import RING_SHARE, counter_ring_share, site_group_map
+
+    voxel, n = 3.0, 12
+    grid = np.indices((40, 20, 20)).astype(float) * voxel
+    r1 = np.sqrt((grid[0] - 30) ** 2 + (grid[1] - 30) ** 2 + (grid[2] - 30) ** 2)
+    r2 = np.sqrt((grid[0] - 90) ** 2 + (grid[1] - 30) ** 2 + (grid[2] - 30) ** 2)
+    gauss = lambda r, w: np.exp(-r ** 2 / (2 * w ** 2))  # noqa: E731
+    s, k = 4.0, 8.0 / np.sqrt(8 * np.log(2)) / voxel
+    raw = 0.12 * (-gauss(r1, s) + gauss(r1, 2 * s) / 8 - gauss(r2, s))  # a displacement, a density loss
+    rng = np.random.default_rng(3)
+    maps = np.stack([ndimage.gaussian_filter(raw + 0.15 * rng.normal(size=raw.shape), k) for _ in range(n)])
+    mask = np.ones(raw.shape, bool)
+    gm = site_group_map(maps, mask, "fwe", 0.05, 200, np.random.default_rng(0), 8.0, (voxel,) * 3)
+    significant = gm.binary > 0
+    labels, m = ndimage.label(significant & (gm.t < 0), structure=np.ones((3, 3, 3)))
+    disp, dens = labels[10, 10, 10] - 1, labels[30, 10, 10] - 1
+    assert disp >= 0 and dens >= 0 and disp != dens
+    raw_share = counter_ring_share(labels, m, -gm.mean, 12.0, (voxel,) * 3)
+    net_share = counter_ring_share(labels, m, -gm.mean, 12.0, (voxel,) * 3, se=gm.se)
+    assert raw_share[dens] > RING_SHARE and net_share[dens] < 0.5 * RING_SHARE  # noise, not a ring
+    assert net_share[disp] > 2 * RING_SHARE and net_share[disp] <= raw_share[disp]  # a ring beyond the noise
+    args = (significant, gm.t, gm.mean, 0.5, 8.0, (voxel,) * 3)
+    measured = half_max_extent(*args, tested=gm.mean)
+    net = half_max_extent(*args, tested=gm.mean, tested_se=gm.se)
+    plain = half_max_extent(significant, gm.t, gm.mean, 0.5)
+    near_disp, near_dens = r1 < 25, r2 < 25
+    np.testing.assert_array_equal(net & near_disp, plain & near_disp)  # the displacement keeps its half max
+    np.testing.assert_array_equal(measured & near_dens, plain & near_dens)  # noise taken for a ring: as wide
+    assert (net & near_dens).sum() < 0.8 * (plain & near_dens).sum()  # the loss cut towards its own width
+    # the default since 2026-12-03; a run saved before the field keeps the share as measured
+    assert RunConfig().maps.counter_ring_noise is True
+    saved = RunConfig().to_dict()
+    del saved["maps"]["counter_ring_noise"]
+    assert RunConfig.from_saved_dict(saved).maps.counter_ring_noise is False

@@ -44,6 +44,8 @@ class GroupMap:
         ``t`` where significant, else 0 (negative = atrophy relative to the twin).
     binary : ndarray of uint8
         1 where significant.
+    se : ndarray
+        The standard error of the mean that ``t`` divides by (from the smoothed variance for the pseudo-t).
     info : dict
         Method, level, the |t| threshold actually applied, number of significant voxels.
     """
@@ -54,6 +56,7 @@ class GroupMap:
     p: np.ndarray
     signed: np.ndarray
     binary: np.ndarray
+    se: np.ndarray | None = None
     info: dict = field(default_factory=dict)
 
 
@@ -100,10 +103,18 @@ class VarianceSmoother:
 
 def _t(mean: np.ndarray, var: np.ndarray, n: int, smoother: VarianceSmoother | None) -> np.ndarray:
     """(pseudo-)t of means and variances (k, V); 0 where the variance is 0."""
+    return _t_se(mean, var, n, smoother)[0]
+
+
+def _t_se(mean: np.ndarray, var: np.ndarray, n: int,
+          smoother: VarianceSmoother | None) -> tuple[np.ndarray, np.ndarray]:
+    """(pseudo-)t of means and variances (k, V), and the standard errors it divides by; t = 0 where the
+    variance is 0."""
     if smoother is not None:
         var = smoother(var)
+    se = np.sqrt(np.maximum(var, 0) / n)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(var > 0, mean / np.sqrt(np.maximum(var, 0) / n), 0.0)
+        return np.where(var > 0, mean / se, 0.0), se
 
 
 def signflip_maxt(data: np.ndarray, permutations: int, rng: np.random.Generator,
@@ -207,11 +218,12 @@ def site_group_test(x: np.ndarray, mask: np.ndarray, method: str = "fdr", level:
     if not 0 < level < 1:
         raise ValueError(f"threshold level must lie in (0, 1), got {level}")
     mean, t = one_sample_t(xd)
+    se = xd.std(axis=0, ddof=1) / np.sqrt(n)
     info: dict = {"method": method, "level": level, "n": n, "voxels_tested": int(mask.sum())}
     smoother = None
     if method == "fwe" and variance_fwhm_mm > 0:
         smoother = VarianceSmoother(mask, variance_fwhm_mm, voxel_mm)
-        t = _t(mean[None], xd.var(axis=0, ddof=1)[None], n, smoother)[0]
+        t, se = (v[0] for v in _t_se(mean[None], xd.var(axis=0, ddof=1)[None], n, smoother))
         info["variance_smoothing_mm"] = float(variance_fwhm_mm)
     if method == "fdr":
         p = 2.0 * stats.t.sf(np.abs(t), df=n - 1)
@@ -249,6 +261,7 @@ def site_group_test(x: np.ndarray, mask: np.ndarray, method: str = "fdr", level:
         p=full(p, fill=1.0),
         signed=full(np.where(sig, t, 0.0)),
         binary=full(sig, dtype=np.uint8),
+        se=full(se),
         info=info,
     )
 
@@ -261,15 +274,24 @@ RING_FWHMS = 1.5
 #: of docs/science.md: 77-96 % of the size-weighted loss clusters of the shape cohorts have one, 0-5 % of the
 #: density cohorts').
 RING_SHARE = 0.05
+#: With the tested mean's standard error known, opposite-signed values count only beyond this many of them.
+RING_NOISE_SE = 1.0
 
 
 def counter_ring_share(labels: np.ndarray, n: int, directed: np.ndarray, radius_mm: float,
-                       voxel_mm=(1.0, 1.0, 1.0)) -> np.ndarray:
+                       voxel_mm=(1.0, 1.0, 1.0), se: np.ndarray | None = None) -> np.ndarray:
     """For each cluster ``1..n`` of ``labels``: the opposite-signed mass of ``directed`` (the map times the
     cluster's sign) within ``radius_mm`` of the cluster, over its same-signed mass there (n,).
 
     A modulated map keeps the mass a displacement moves: a contraction is a loss with a ring of gain around it
     (the tissue it moved), so this share is large; a density loss removes mass, and it is near zero.
+
+    With ``se`` (the standard error of ``directed``, a mean over patients), the opposite-signed mass counts only
+    beyond :data:`RING_NOISE_SE` standard errors at each voxel. The opposite-signed part of a mean of pure noise
+    has the expectation ``0.40 se`` per voxel (``0.08 se`` beyond one standard error); summed over a 12 mm
+    neighbourhood that is a fixed amount, which weighs most beside a small or weak loss: there it gave shares of
+    5-12 % on planted density losses (docs/science.md, *Map variants*). A displacement's ring stands above the
+    noise and loses one standard error per voxel.
     """
     vox = np.asarray(voxel_mm, float)
     pad = np.ceil(radius_mm / vox).astype(int) + 1
@@ -279,15 +301,18 @@ def counter_ring_share(labels: np.ndarray, n: int, directed: np.ndarray, radius_
             continue
         box = tuple(slice(max(0, s.start - p), min(dim, s.stop + p)) for s, p, dim in zip(box, pad, labels.shape))
         dist = ndimage.distance_transform_edt(labels[box] != k + 1, sampling=vox)
-        near = directed[box][dist <= radius_mm]
+        within = dist <= radius_mm
+        near = directed[box][within]
         same = np.clip(near, 0, None).sum()
-        share[k] = np.clip(-near, 0, None).sum() / same if same > 0 else 0.0
+        floor = 0.0 if se is None else RING_NOISE_SE * np.asarray(se[box], float)[within]
+        opposite = np.clip(-near - floor, 0, None).sum()
+        share[k] = opposite / same if same > 0 else 0.0
     return share
 
 
 def half_max_extent(significant: np.ndarray, t: np.ndarray, effect: np.ndarray, fraction: float = 0.5,
                     smoothing_fwhm_mm: float = 0.0, voxel_mm=(1.0, 1.0, 1.0),
-                    tested: np.ndarray | None = None) -> np.ndarray:
+                    tested: np.ndarray | None = None, tested_se: np.ndarray | None = None) -> np.ndarray:
     """The part of each significant cluster where the effect reaches ``fraction`` of the cluster's peak.
 
     A test's significant region grows with its power (more patients, a stronger effect); the extent of an
@@ -320,6 +345,9 @@ def half_max_extent(significant: np.ndarray, t: np.ndarray, effect: np.ndarray, 
         Voxel size (mm).
     tested : ndarray (X, Y, Z), optional
         The mean of the tested maps, where counter-rings are looked for (default ``effect``).
+    tested_se : ndarray (X, Y, Z), optional
+        The standard error of ``tested``: the counter-ring share then discounts the opposite-signed mass that
+        noise alone gives (:func:`counter_ring_share`); without it the share is taken as measured.
 
     Returns
     -------
@@ -345,7 +373,7 @@ def half_max_extent(significant: np.ndarray, t: np.ndarray, effect: np.ndarray, 
             o2 = ((3 * half_volume / (4 * math.pi)) ** (2 / 3)) / (2 * math.log(2))  # radius^2 / (2 ln 2)
             level = np.minimum(fraction ** np.clip(1 - k2 / np.maximum(o2, 1e-12), 0, 1), UNSMOOTHED_MAX_CUT)
             ring = counter_ring_share(labels, n, np.asarray(effect if tested is None else tested, float) * sign,
-                                      RING_FWHMS * smoothing_fwhm_mm, voxel_mm)
+                                      RING_FWHMS * smoothing_fwhm_mm, voxel_mm, tested_se)
             level[ring >= RING_SHARE] = fraction
         cut = np.zeros(n + 1)
         cut[1:] = np.where(peak > 0, level * peak, np.inf)

@@ -444,6 +444,7 @@ def compute_group_maps(run: MapsRun, force: bool = False) -> dict[str, dict]:
                     "permutations": mc.permutations if mc.threshold == "fwe" else None, "test_on": mc.test_on,
                     "extent": mc.extent, "extent_fraction": mc.extent_fraction if mc.extent == "half_max" else None,
                     "extent_smoothing_mm": extent_mm,
+                    "counter_ring_noise": bool(extent_mm) and mc.counter_ring_noise,
                     "subjects": subject_settings(mc), "participants": pids}
         gpath = run.site_dir(site) / "group.json"
         if len(pids) < max(3, mc.min_patients):
@@ -471,7 +472,8 @@ def compute_group_maps(run: MapsRun, force: bool = False) -> dict[str, dict]:
         keep = gm.binary > 0
         if mc.extent == "half_max":
             keep = half_max_extent(keep, gm.t, mean_effect, mc.extent_fraction, extent_mm, voxel_sizes(run.affine),
-                                   tested=means[mc.test_on] * mask)
+                                   tested=means[mc.test_on] * mask,
+                                   tested_se=gm.se if mc.counter_ring_noise else None)
         signed = np.where(keep, gm.t, 0.0).astype(np.float32)
         sdir = run.site_dir(site)
         arrays = {"mean_effect": mean_effect, "mean_deviation": means["deviation"] * mask, "t": gm.t,
