@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 #: cohort -> (synth preset, seed)
 COHORTS = {"demo": ("demo", 0), "density": ("density", 1), "sites": ("sites", 2), "small": ("small", 3),
            "two-factor": ("two-factor", 4), "weak": ("weak", 5), "unbalanced": ("unbalanced", 6), "density-sz": ("density-sz", 7),
-           "shape-wide": ("shape-wide", 8)}
+           "shape-wide": ("shape-wide", 8), "density-noisy": ("density-noisy", 9)}
 
 #: variant -> (what it changes, training --set overrides, maps --set overrides); None = maps-only variant.
 VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {

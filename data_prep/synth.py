@@ -188,6 +188,13 @@ PRESETS: dict[str, Preset] = {
         [34, 30, 38, 28, 40, 33, 29, 36], [16, 14, 19, 14, 22, 17, 15, 18], 4.0, specific_regions="random",
         n_specific_regions=8, specific_sigma_scale=1.2, site_gain_sd=0.1, site_fwhm_max_mm=8.0, site_noise_max=0.04,
     ),
+    # Held-out check added 2026-12-03 after the counter-ring's noise floor was chosen (on small, weak and
+    # density-sz), run once: density losses at seven random places under noisy, biased scanners, other site sizes.
+    "density-noisy": Preset(
+        [26, 32, 24, 28, 22, 30, 25, 27], [12, 16, 11, 15, 10, 14, 12, 13], 3.0, specific_kind="density",
+        specific_regions="random", n_specific_regions=7, specific_log_j=-0.15, site_gain_sd=0.12,
+        site_noise_max=0.05, site_bias_max=0.1,
+    ),
     # Unequal sites (14-45 subjects, 6-30 patients) with noisy scanners; broad shape effects at three random
     # places, 3 mm.
     "unbalanced": Preset(
@@ -208,7 +215,7 @@ def resolve_preset(preset: str, voxel_mm: float | None = None, **overrides: Any)
     ----------
     preset : str
         A key of :data:`PRESETS`: "tiny", "demo", "paper", or a planted variant "density", "small", "sites", "weak",
-        "unbalanced", "two-factor", "density-sz", "shape-wide".
+        "unbalanced", "two-factor", "density-sz", "shape-wide", "density-noisy".
     voxel_mm : float or None
         Overrides the preset's grid.
     **overrides
@@ -692,7 +699,7 @@ def synthesize(
         Cohort folder (created). Re-running with the same settings resumes; other settings raise.
     preset : str
         A key of :data:`PRESETS`: "tiny", "demo", "paper", or a planted variant "density", "small", "sites", "weak",
-        "unbalanced", "two-factor", "density-sz", "shape-wide".
+        "unbalanced", "two-factor", "density-sz", "shape-wide", "density-noisy".
         Cohort size and grid.
     seed : int
         Root seed of every random draw.
