@@ -197,10 +197,12 @@ def planted_half_max(planted_effect: np.ndarray, truth_mask: np.ndarray, brain_m
     Each voxel belongs to the planted region (a connected component of ``truth_mask``) whose core is nearest; a
     region's direction and peak are those of its most extreme core voxel. This is what a map that reports each
     effect's width at half maximum (the maps' extent, docs/maps.md) would flag if it recovered the planted effect
-    exactly, so its Dice with ``truth_mask`` is the ceiling of the maps' Dice on this grid. The synthetic cores
-    are the regions' 1-sigma balls: a Gaussian density loss's half maximum reaches 1.18 sigma (on a 3 mm grid
-    the shell between them can hold as many voxel centres as the core), a contraction's log J falls to half its
-    peak inside 1 sigma (its core is where it reaches 40 %).
+    exactly, so for a planted density change (what the density maps measure) its Dice with ``truth_mask`` is
+    the ceiling of the maps' Dice on this grid. The synthetic cores are the regions' 1-sigma balls: a Gaussian
+    density loss's half maximum reaches 1.18 sigma (on a 3 mm grid the shell between them can hold as many voxel
+    centres as the core). A planted shape change is a log Jacobian, which falls to half its peak inside 1 sigma
+    (its core is where it reaches 40 %) and which a density map sees through the tissue it moves: there the
+    figure is a reference, not a bound.
     """
     effect = np.asarray(planted_effect, float)
     mask = np.asarray(brain_mask, bool)
