@@ -11,8 +11,9 @@ the maps stage on a copy of the full run's folds. Results go to ``WORKDIR/scienc
 an interrupted benchmark resumes) and a Markdown table is printed (docs/science.md shows it).
 
 Variants (``--variants``, default all): ``full`` (the cpu profile), one change off (or on) at a time, the plain
-VAE, the 2022 anchor, and the previous defaults. Cohorts (``--cohorts``): the demo and the planted variants
-``density``, ``sites``, ``small`` and ``two-factor`` (data_prep.synth presets), each with its own seed.
+VAE, the 2022 anchor, and the previous defaults. Cohorts (``--cohorts``): the demo and the planted variants of
+:data:`COHORTS` (data_prep.synth presets), each with its own seed. ``--reanalyse`` runs only the analysis again on
+finished runs (new recovery metrics, e.g. the maps' Dice against the planted half maximum).
 """
 from __future__ import annotations
 
