@@ -88,9 +88,9 @@ VARIANTS: dict[str, tuple[str, list[str] | None, list[str]]] = {
     "maps: extent at 60 % of the peak": ("maps.extent_fraction 0.6 (each cluster cut at 60 % of its peak, not half)",
                                          None, ["maps.extent_fraction=0.6"]),
     "maps: extent at 70 % of the peak": ("maps.extent_fraction 0.7", None, ["maps.extent_fraction=0.7"]),
-    "maps: counter-ring share as measured": ("maps.counter_ring_noise false: the counter-ring share without "
-                                             "the noise's expected opposite-signed mass taken off (the default "
-                                             "until 2026-12-03)", None, ["maps.counter_ring_noise=false"]),
+    "maps: counter-ring share as measured": ("maps.counter_ring_noise false: the counter-ring share counts "
+                                             "every opposite-signed value, not only what lies beyond one standard "
+                                             "error of the tested mean (the default until 2026-12-03)", None, ["maps.counter_ring_noise=false"]),
     "maps: half maximum as smoothed": ("maps.extent_unsmoothed false: every cluster's half maximum on the map as "
                                        "smoothed (the default until 2026-12-02)", None,
                                        ["maps.extent_unsmoothed=false"]),

@@ -56,7 +56,7 @@ class GroupMap:
     p: np.ndarray
     signed: np.ndarray
     binary: np.ndarray
-    se: np.ndarray | None = None
+    se: np.ndarray
     info: dict = field(default_factory=dict)
 
 
@@ -218,12 +218,13 @@ def site_group_test(x: np.ndarray, mask: np.ndarray, method: str = "fdr", level:
     if not 0 < level < 1:
         raise ValueError(f"threshold level must lie in (0, 1), got {level}")
     mean, t = one_sample_t(xd)
-    se = xd.std(axis=0, ddof=1) / np.sqrt(n)
+    var = xd.var(axis=0, ddof=1)
+    se = np.sqrt(var / n)
     info: dict = {"method": method, "level": level, "n": n, "voxels_tested": int(mask.sum())}
     smoother = None
     if method == "fwe" and variance_fwhm_mm > 0:
         smoother = VarianceSmoother(mask, variance_fwhm_mm, voxel_mm)
-        t, se = (v[0] for v in _t_se(mean[None], xd.var(axis=0, ddof=1)[None], n, smoother))
+        t, se = (v[0] for v in _t_se(mean[None], var[None], n, smoother))
         info["variance_smoothing_mm"] = float(variance_fwhm_mm)
     if method == "fdr":
         p = 2.0 * stats.t.sf(np.abs(t), df=n - 1)
